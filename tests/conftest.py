@@ -1,0 +1,32 @@
+import os
+
+# Triton's interpreter must be chosen before any @triton.jit function is defined, so that
+# the Triton backend can run on CPU tensors in CI; a GPU run sets TOME_TEST_DEVICE=cuda.
+if os.environ.get("TOME_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from tome_kernels import backends  # noqa: E402
+
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_backend_state(monkeypatch):
+    """Each test sees the real registry, no env override and a fresh warn-once memory."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_warned", set())
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    """Where the tensors of a test live: the CPU in CI, the GPU when TOME_TEST_DEVICE=cuda."""
+    return torch.device(os.environ.get("TOME_TEST_DEVICE", "cpu"))

@@ -1,0 +1,142 @@
+"""Backends and the choice between them.
+
+A backend computes the contract of ``reference.py`` for the inputs it supports. Each one
+says why it cannot run (``load_error`` for the whole backend, ``unsupported_reasons`` for
+given inputs); ``backend="auto"`` takes the first in preference order that has no reason, and
+a backend asked for by name that has reasons raises them all in one message.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import MatchResult
+
+ENV_VAR = "TOME_KERNELS_BACKEND"
+
+
+class BackendFallbackWarning(UserWarning):
+    """A faster backend was expected for these inputs but could not load."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: Optional[str]
+
+
+class Backend:
+    """The interface every backend implements; this base class is the reference itself."""
+
+    name = "reference"
+
+    def load_error(self) -> Optional[str]:
+        """Why this backend cannot run at all here (missing package, failed build), or None."""
+        return None
+
+    def unsupported_reasons(self, tensors: Sequence[Tensor]) -> List[str]:
+        """Why this backend cannot run these particular inputs (device, dtype...)."""
+        return []
+
+    def expected_for(self, device: torch.device) -> bool:
+        """Whether ``auto`` would normally pick this backend on ``device``; failing to load
+        then deserves a warning rather than a silent fallback."""
+        return False
+
+    def match(self, metric: Tensor, r: int, class_token: bool, distill_token: bool) -> MatchResult:
+        return reference.match(metric, r, class_token, distill_token)
+
+    def merge_wavg(self, plan: MatchResult, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        return reference.merge_wavg(plan, x, size)
+
+    def merge(self, plan: MatchResult, x: Tensor, mode: str) -> Tensor:
+        return reference.merge(plan, x, mode)
+
+    def unmerge(self, plan: MatchResult, y: Tensor) -> Tensor:
+        return reference.unmerge(plan, y)
+
+    def bipartite_merge(self, x, metric, r, size, class_token, distill_token) -> Tuple[Tensor, Tensor]:
+        """Match and merge; fused backends override this with a single pass."""
+        plan = self.match(metric, r, class_token, distill_token)
+        return self.merge_wavg(plan, x, size)
+
+
+# Preference order for "auto": fastest first, the reference (which runs anywhere) last.
+# Later backends are inserted ahead of it with ``register_backend``.
+_REGISTRY: Dict[str, Backend] = {"reference": Backend()}
+_warned: set = set()
+
+
+def register_backend(backend: Backend) -> None:
+    """Add a backend ahead of the reference in the ``auto`` preference order."""
+    ref = _REGISTRY.pop("reference")
+    _REGISTRY.pop(backend.name, None)
+    _REGISTRY[backend.name] = backend
+    _REGISTRY["reference"] = ref
+
+
+def backend_names() -> Tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Every backend, whether it can run here, and if not, why."""
+    status = {}
+    for name, backend in _REGISTRY.items():
+        reason = backend.load_error()
+        status[name] = BackendStatus(name, reason is None, reason)
+    return status
+
+
+def _reasons(backend: Backend, tensors: Sequence[Tensor]) -> List[str]:
+    error = backend.load_error()
+    return [error] if error else backend.unsupported_reasons(tensors)
+
+
+def _warn_once(backend: Backend, reason: str) -> None:
+    key = (backend.name, reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"tome_kernels: the {backend.name!r} backend could not load ({reason}); "
+            "falling back to a slower backend. See tome_kernels.available_backends().",
+            BackendFallbackWarning,
+            stacklevel=4,
+        )
+
+
+def requested_backend(backend) -> Tuple[str, str]:
+    """The backend name in force and where it came from (for error messages)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str (one of auto, {', '.join(_REGISTRY)}), got {type(backend).__name__}")
+    if backend == "auto" and os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR], f"the environment variable {ENV_VAR}"
+    return backend, "backend"
+
+
+def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
+    """The backend that will run ``tensors``; raises if one named explicitly cannot."""
+    name, source = requested_backend(backend)
+    if name == "auto":
+        for candidate in _REGISTRY.values():
+            error = candidate.load_error()
+            if error is not None:
+                if tensors and candidate.expected_for(tensors[0].device):
+                    _warn_once(candidate, error)
+                continue
+            if not candidate.unsupported_reasons(tensors):
+                return candidate
+        raise AssertionError("the reference backend runs every valid input")
+    if name not in _REGISTRY:
+        raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
+    chosen = _REGISTRY[name]
+    reasons = _reasons(chosen, tensors)
+    if reasons:
+        raise ValueError(f"{source}={name!r} cannot run these inputs: " + "; ".join(reasons))
+    return chosen

@@ -1,0 +1,81 @@
+"""MergePlan: the result of one matching, applied to any number of token tensors."""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends import Backend
+from .reference import MatchResult
+
+
+class MergePlan:
+    """Which tokens merge into which, for a batch of B rows of N tokens.
+
+    Made by ``bipartite_match``. Applying it costs no new matching, so one plan can merge
+    several tensors that share the token axis (features, sizes, positions...).
+
+    Attributes:
+        r: tokens removed per row, after clamping (0 means the plan is the identity).
+        token_map: (B, N) int64, the output row of every input token.
+        num_tokens: N, the input length; outputs have ``num_tokens - r`` rows.
+        backend: name of the backend that made the plan and applies it.
+    """
+
+    def __init__(self, match: MatchResult, backend: Backend, device: torch.device):
+        self._match = match
+        self._backend = backend
+        self._device = device
+
+    @property
+    def r(self) -> int:
+        return self._match.r
+
+    @property
+    def token_map(self) -> Tensor:
+        return self._match.token_map
+
+    @property
+    def num_tokens(self) -> int:
+        return self._match.token_map.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self._match.token_map.shape[0]
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def match_result(self) -> MatchResult:
+        """The raw index tensors (sources, destinations, kept A tokens, token map)."""
+        return self._match
+
+    def _check_tokens(self, name: str, value, tokens: int) -> Tensor:
+        return checks.check_tokens(name, value, self.batch_size, tokens, self._device, f"(B, {tokens}, C)")
+
+    def merge_wavg(self, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Size-weighted average of each group: (x (B, N-r, C), size (B, N-r, 1))."""
+        self._check_tokens("x", x, self.num_tokens)
+        checks.check_size(size, self.batch_size, self.num_tokens, self._device)
+        return self._backend.merge_wavg(self._match, x, size)
+
+    def merge(self, x: Tensor, mode: str = "mean") -> Tensor:
+        """Reduce each group by ``mode``: "sum", "mean", "amax" or "amin"."""
+        checks.check_mode(mode)
+        self._check_tokens("x", x, self.num_tokens)
+        return self._backend.merge(self._match, x, mode)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """(B, N-r, C) back to (B, N, C): each input token gets the row it was merged into."""
+        self._check_tokens("y", y, self.num_tokens - self.r)
+        return self._backend.unmerge(self._match, y)
+
+    def __repr__(self) -> str:
+        return (
+            f"MergePlan(batch_size={self.batch_size}, num_tokens={self.num_tokens}, r={self.r}, "
+            f"class_token={self._match.class_token}, distill_token={self._match.distill_token}, "
+            f"backend={self.backend!r})"
+        )
