@@ -1,0 +1,111 @@
+"""Backend choice: auto, by name, by environment variable, and the fallback warning."""
+
+import warnings
+
+import pytest
+import torch
+
+import tome_kernels
+from tome_kernels import BackendFallbackWarning, available_backends, bipartite_match, bipartite_merge, reference
+from tome_kernels.backends import ENV_VAR, Backend, register_backend
+
+
+class BrokenBackend(Backend):
+    """Stands in for a fast backend whose package or build is missing here."""
+
+    name = "broken"
+
+    def load_error(self):
+        return "fastlib is not installed"
+
+    def expected_for(self, device):
+        return True
+
+
+class PickyBackend(Backend):
+    """Loads, but only runs float64 inputs; records every call so tests can see it ran."""
+
+    name = "picky"
+
+    def __init__(self):
+        self.calls = 0
+
+    def unsupported_reasons(self, tensors):
+        return [f"{t.dtype} is not supported" for t in tensors if t.dtype != torch.float64][:1]
+
+    def bipartite_merge(self, *args):
+        self.calls += 1
+        return super().bipartite_merge(*args)
+
+
+def inputs(dtype=torch.float32):
+    return torch.randn(2, 9, 4, dtype=dtype), torch.randn(2, 9, 3, dtype=dtype)
+
+
+def test_available_backends_reports_every_backend():
+    register_backend(BrokenBackend())
+    status = available_backends()
+    assert list(status) == ["broken", "reference"]
+    assert status["reference"].available and status["reference"].reason is None
+    assert not status["broken"].available and status["broken"].reason == "fastlib is not installed"
+
+
+def test_auto_falls_back_with_one_warning():
+    register_backend(BrokenBackend())
+    x, metric = inputs()
+    with pytest.warns(BackendFallbackWarning, match=r"'broken' backend could not load \(fastlib is not installed\)"):
+        out = bipartite_merge(x, metric, 3)
+    torch.testing.assert_close(out, reference.bipartite_merge(x, metric, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bipartite_merge(x, metric, 3)
+
+
+def test_named_backend_that_cannot_load_raises_its_reason():
+    register_backend(BrokenBackend())
+    x, metric = inputs()
+    with pytest.raises(ValueError, match=r"backend='broken' cannot run these inputs: fastlib is not installed"):
+        bipartite_merge(x, metric, 3, backend="broken")
+
+
+def test_auto_skips_backend_that_cannot_run_these_inputs():
+    picky = PickyBackend()
+    register_backend(picky)
+    bipartite_merge(*inputs(torch.float32), 3)
+    assert picky.calls == 0
+    bipartite_merge(*inputs(torch.float64), 3)
+    assert picky.calls == 1
+    with pytest.raises(ValueError, match=r"backend='picky' cannot run these inputs: torch.float32 is not supported"):
+        bipartite_merge(*inputs(torch.float32), 3, backend="picky")
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    picky = PickyBackend()
+    register_backend(picky)
+    monkeypatch.setenv(ENV_VAR, "reference")
+    bipartite_merge(*inputs(torch.float64), 3)
+    assert picky.calls == 0
+    # An explicit name still wins over the environment.
+    bipartite_merge(*inputs(torch.float64), 3, backend="picky")
+    assert picky.calls == 1
+
+
+def test_environment_variable_errors_name_it(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "nope")
+    with pytest.raises(ValueError, match=rf"the environment variable {ENV_VAR}='nope' is not a backend"):
+        bipartite_merge(*inputs(), 3)
+    register_backend(BrokenBackend())
+    monkeypatch.setenv(ENV_VAR, "broken")
+    with pytest.raises(ValueError, match=rf"{ENV_VAR}='broken' cannot run these inputs: fastlib"):
+        bipartite_match(inputs()[1], 3)
+
+
+def test_plan_reports_its_backend():
+    plan = bipartite_match(inputs()[1], 3, backend="reference")
+    assert plan.backend == "reference"
+    assert "backend='reference'" in repr(plan)
+
+
+def test_package_exports():
+    for name in ["bipartite_merge", "bipartite_match", "MergePlan", "available_backends"]:
+        assert hasattr(tome_kernels, name)
