@@ -94,7 +94,9 @@ def available_backends() -> Dict[str, BackendStatus]:
     return status
 
 
-def _reasons(backend: Backend, tensors: Sequence[Tensor]) -> List[str]:
+def cannot_run_reasons(name: str, tensors: Sequence[Tensor]) -> List[str]:
+    """Why the backend ``name`` cannot run ``tensors`` here; empty when it can."""
+    backend = _REGISTRY[name]
     error = backend.load_error()
     return [error] if error else backend.unsupported_reasons(tensors)
 
@@ -135,8 +137,7 @@ def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
         raise AssertionError("the reference backend runs every valid input")
     if name not in _REGISTRY:
         raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
-    chosen = _REGISTRY[name]
-    reasons = _reasons(chosen, tensors)
+    reasons = cannot_run_reasons(name, tensors)
     if reasons:
         raise ValueError(f"{source}={name!r} cannot run these inputs: " + "; ".join(reasons))
-    return chosen
+    return _REGISTRY[name]

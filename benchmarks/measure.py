@@ -1,0 +1,180 @@
+"""Timing, peak memory, copy bandwidth and the record of where a measurement was taken."""
+
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+# Larger than any current GPU's L2 cache: zeroing it between timed calls evicts their inputs.
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def time_cpu(fn: Callable, warmup: int, reps: int, min_seconds: float) -> List[float]:
+    """Seconds per call on the host's monotonic clock, warm-up excluded.
+
+    Runs at least ``reps`` calls and keeps going (up to 10x ``reps``) until ``min_seconds``
+    have been spent, so fast calls get more samples.
+    """
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_seconds and len(times) < 10 * reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_cuda(fn: Callable, warmup: int, reps: int) -> List[float]:
+    """Seconds per call from CUDA events, with the L2 cache flushed before each call."""
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+
+
+def time_fn(fn: Callable, device: torch.device, warmup: int, reps: int, min_seconds: float) -> List[float]:
+    if device.type == "cuda":
+        return time_cuda(fn, warmup, reps)
+    return time_cpu(fn, warmup, reps, min_seconds)
+
+
+def rel_err(outputs, expected) -> float:
+    """Largest ||out - ref|| / ||ref|| over a step's outputs, in float64."""
+    worst = 0.0
+    for out, ref in zip(outputs, expected):
+        ref64 = ref.detach().double()
+        diff = (out.detach().double() - ref64).norm().item()
+        worst = max(worst, diff / max(ref64.norm().item(), 1e-30))
+    return worst
+
+
+def _nbytes(outputs) -> int:
+    return sum(t.numel() * t.element_size() for t in outputs)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's C++ side logs every start and stop to fd 2; keep the table readable.
+    Python exceptions are unaffected."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable) -> Tuple[int, tuple]:
+    """Peak of the bytes allocated during one call, from the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
+
+    with _native_stderr_silenced():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            outputs = fn()
+        timeline = MemoryProfileTimeline(prof._memory_profile()).timeline
+    live = peak = 0
+    for _, action, _, nbytes in timeline:
+        if action == Action.CREATE:
+            live += nbytes
+        elif action == Action.DESTROY:
+            live -= nbytes
+        peak = max(peak, live)
+    return peak, outputs
+
+
+def peak_extra_bytes(fn: Callable, device: torch.device) -> Tuple[Optional[int], Optional[str]]:
+    """Peak memory of one call beyond its inputs (allocated before) and its outputs.
+
+    Returns (bytes, None), or (None, why it could not be measured).
+    """
+    gc.collect()
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            outputs = fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak, outputs = _cpu_peak_bytes(fn)
+    except Exception as exc:  # the profiler's memory timeline is a private API
+        return None, f"{type(exc).__name__}: {exc}"
+    return max(peak - _nbytes(outputs), 0), None
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> Dict:
+    """A large device-to-device copy: the practical bandwidth ceiling, bytes read + written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=reps, min_seconds=0.5)
+    median = statistics.median(times)
+    return {"bytes_moved": 2 * nbytes, "times_s": times, "median_s": median, "gbps": 2 * nbytes / median / 1e9}
+
+
+def _git(*args) -> Optional[str]:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> Dict:
+    """Device, versions and commit, saved beside every set of raw timings."""
+    import tome_kernels
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "tome_kernels": tome_kernels.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        device_info = {"type": "cuda", "name": props.name, "sm_count": props.multi_processor_count,
+                       "memory_bytes": props.total_memory, "cuda": torch.version.cuda}
+    else:
+        device_info = {"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "device": device_info,
+        "versions": versions,
+        "commit": {"sha": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
+        "host": platform.node(),
+        "backends": {name: s.reason or "available" for name, s in tome_kernels.available_backends().items()},
+    }

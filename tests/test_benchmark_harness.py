@@ -1,0 +1,80 @@
+"""The benchmark harness measures what it says: bytes, peak memory, results file, table."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from benchmarks import run
+from benchmarks.measure import peak_extra_bytes, rel_err
+from benchmarks.shapes import CPU_SHAPES, GPU_SHAPES, Shape
+
+
+def test_min_bytes_by_hand():
+    shape = Shape("tiny", batch=2, tokens=10, channels=4, r=3, heads=2, feature_dim=5, class_token=True)
+    # float16: x 2*10*4*2 = 160, keys 2*2*10*5*2 = 400, size 2*10*4 = 80; outputs 2*7*4*2 = 112 and 2*7*4 = 56.
+    assert shape.min_bytes(torch.float16, backward=False) == 160 + 400 + 80 + 112 + 56
+    # backward: read grads 112 + 56, x 160, size 80; write grad_x 160, grad_size 80.
+    assert shape.min_bytes(torch.float16, backward=True) == 808 + 112 + 56 + 160 + 80 + 160 + 80
+
+
+def test_named_shapes():
+    full = {s.name: s for s in GPU_SHAPES}
+    assert (full["vit_b16_224"].batch, full["vit_b16_224"].metric_shape) == (256, (256, 12, 197, 64))
+    assert full["vit_b16_224_b1"].batch == 1
+    assert full["vit_l16_512"].metric_shape == (64, 16, 1025, 64) and full["vit_l16_512"].r == 40
+    assert full["vit_h14_518"].metric_shape == (32, 16, 1370, 80) and full["vit_h14_518"].channels == 1280
+    assert full["diffusion"].metric_shape == (2, 4096, 320) and full["diffusion"].r == 2048
+    for cpu in CPU_SHAPES:
+        assert cpu.tokens == full[cpu.name].tokens and cpu.batch <= full[cpu.name].batch
+
+
+def test_peak_memory_sees_a_temporary():
+    n = 4 * 1024 * 1024  # a 16 MiB float32 temporary, freed before returning a small output
+
+    def step():
+        temp = torch.ones(n)
+        return (temp[:10].clone(),)
+
+    peak, error = peak_extra_bytes(step, torch.device("cpu"))
+    assert error is None
+    assert 4 * n <= peak <= 4 * n + 4096
+
+
+def test_peak_memory_excludes_outputs():
+    peak, error = peak_extra_bytes(lambda: (torch.ones(1024, 1024),), torch.device("cpu"))
+    assert error is None and peak < 4096
+
+
+def test_rel_err():
+    a = torch.tensor([3.0, 4.0])
+    assert rel_err((a,), (a,)) == 0.0
+    assert rel_err((a + torch.tensor([0.0, 0.5]),), (a,)) == pytest.approx(0.1)
+
+
+def test_run_saves_raw_results(tmp_path, capsys):
+    argv = ["--shapes", "vit_b16_224_b1", "--providers", "reference", "--reps", "3", "--warmup", "1",
+            "--min-seconds", "0", "--copy-mib", "8", "--out", str(tmp_path)]
+    run.main(argv)
+    printed = capsys.readouterr().out
+    assert "vit_b16_224_b1" in printed and "fwd+bwd" in printed
+    (path,) = tmp_path.iterdir()
+    results = json.loads(path.read_text())
+    assert results["device"]["type"] == "cpu" and results["versions"]["torch"] == torch.__version__
+    assert "sha" in results["commit"] and results["copy_bandwidth"]["gbps"] > 0
+    rows = results["rows"]
+    assert [(r["pass"], r["status"]) for r in rows] == [("fwd", "ok"), ("fwd+bwd", "ok")]
+    for r in rows:
+        assert len(r["times_s"]) >= 3 and all(t > 0 for t in r["times_s"])
+        assert r["median_s"] == statistics.median(r["times_s"])
+        assert r["speedup_vs_reference"] == 1.0 and r["rel_err_vs_reference"] == 0.0
+        assert r["gbps"] == pytest.approx(r["min_bytes"] / r["median_s"] / 1e9)
+        assert r["peak_extra_bytes"] is not None
+
+
+def test_run_rejects_unknown_names():
+    with pytest.raises(SystemExit, match="unknown provider"):
+        run.run(run.parse_args(["--providers", "nope"]))
+    with pytest.raises(SystemExit, match="unknown shape"):
+        run.run(run.parse_args(["--shapes", "nope", "--copy-mib", "1"]))
