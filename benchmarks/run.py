@@ -23,7 +23,7 @@ import torch
 
 from .measure import copy_bandwidth, environment, peak_extra_bytes, rel_err, time_fn
 from .providers import make_inputs, make_step, provider_names, unavailable_reason
-from .shapes import CPU_SHAPES, GPU_SHAPES, default_shapes
+from .shapes import GPU_SHAPES, default_shapes
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PASSES = ("fwd", "fwd+bwd")
@@ -52,9 +52,9 @@ def _log(msg: str) -> None:
 
 
 def _choose_shapes(args, device):
-    pool = GPU_SHAPES if (device.type == "cuda" or args.full_size) else CPU_SHAPES
+    pool = GPU_SHAPES if args.full_size else default_shapes(device)
     if not args.shapes:
-        return pool if args.full_size else default_shapes(device)
+        return pool
     by_name = {s.name: s for s in pool}
     unknown = [n for n in args.shapes if n not in by_name]
     if unknown:
@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> Dict:
             _add_speedups(rows, shape.name, pass_name)
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
         **environment(device),
         "settings": {"dtype": str(dtype).replace("torch.", ""), "warmup": args.warmup, "reps": reps,
                      "min_seconds": args.min_seconds, "timer": "cuda events, L2 flushed" if device.type == "cuda"
@@ -166,6 +165,7 @@ def save(results: Dict, out_dir: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     results = run(args)
+    results["command"] = " ".join(["python -m benchmarks.run"] + (sys.argv[1:] if argv is None else list(argv)))
     print(format_table(results))
     if not args.no_save:
         print(f"saved {save(results, args.out)}")

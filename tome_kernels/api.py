@@ -54,4 +54,4 @@ def bipartite_match(
     ``merge_wavg``, ``merge`` and ``unmerge`` apply it to any (B, N, C) tensor."""
     r = checks.check_match_inputs(metric, r, class_token, distill_token)
     impl = select_backend(backend, (metric,))
-    return MergePlan(impl.match(metric, r, class_token, distill_token), impl, metric.device)
+    return MergePlan(impl.match(metric, r, class_token, distill_token), impl)

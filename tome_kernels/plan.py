@@ -2,7 +2,6 @@
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from . import checks
@@ -23,10 +22,9 @@ class MergePlan:
         backend: name of the backend that made the plan and applies it.
     """
 
-    def __init__(self, match: MatchResult, backend: Backend, device: torch.device):
+    def __init__(self, match: MatchResult, backend: Backend):
         self._match = match
         self._backend = backend
-        self._device = device
 
     @property
     def r(self) -> int:
@@ -45,6 +43,10 @@ class MergePlan:
         return self._match.token_map.shape[0]
 
     @property
+    def device(self):
+        return self._match.token_map.device
+
+    @property
     def backend(self) -> str:
         return self._backend.name
 
@@ -54,12 +56,12 @@ class MergePlan:
         return self._match
 
     def _check_tokens(self, name: str, value, tokens: int) -> Tensor:
-        return checks.check_tokens(name, value, self.batch_size, tokens, self._device, f"(B, {tokens}, C)")
+        return checks.check_tokens(name, value, self.batch_size, tokens, self.device, f"(B, {tokens}, C)")
 
     def merge_wavg(self, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Size-weighted average of each group: (x (B, N-r, C), size (B, N-r, 1))."""
         self._check_tokens("x", x, self.num_tokens)
-        checks.check_size(size, self.batch_size, self.num_tokens, self._device)
+        checks.check_size(size, self.batch_size, self.num_tokens, self.device)
         return self._backend.merge_wavg(self._match, x, size)
 
     def merge(self, x: Tensor, mode: str = "mean") -> Tensor:
