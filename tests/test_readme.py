@@ -1,0 +1,17 @@
+"""The README's Python examples run as written."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_examples_run():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert len(blocks) >= 2
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["x"].shape == (8, 181, 768) and namespace["size"].shape == (8, 181, 1)
+    assert namespace["restored"].shape == (8, 197, 768) and namespace["plan"].r == 16
