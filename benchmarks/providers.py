@@ -34,12 +34,14 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 
 def _forward_fn(provider: str, shape: Shape) -> Callable:
     r, class_token = shape.r, shape.class_token
+
+    def reference_step(x, metric, size):
+        return reference.bipartite_merge(x, metric, r, size, class_token)
+
     if provider == "reference":
-        return lambda x, metric, size: reference.bipartite_merge(x, metric, r, size, class_token)
+        return reference_step
     if provider == "reference_compiled":
-        def step(x, metric, size):
-            return reference.bipartite_merge(x, metric, r, size, class_token)
-        return torch.compile(step, dynamic=False)
+        return torch.compile(reference_step, dynamic=False)
     return lambda x, metric, size: tome_kernels.bipartite_merge(
         x, metric, r, size, class_token=class_token, backend=provider
     )

@@ -81,10 +81,6 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY["reference"] = ref
 
 
-def backend_names() -> Tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
 def available_backends() -> Dict[str, BackendStatus]:
     """Every backend, whether it can run here, and if not, why."""
     status = {}

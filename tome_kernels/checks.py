@@ -75,19 +75,18 @@ def check_size(size: Optional[Tensor], batch: int, tokens: int, device: torch.de
         raise ValueError(f"size must have shape (B, N, 1), got {tuple(size.shape)}")
 
 
-def check_merge_inputs(x, metric, r, size, class_token, distill_token) -> int:
-    """All checks of ``bipartite_merge``; returns r as an int."""
-    batch, tokens = check_metric(metric)
-    check_tokens("x", x, batch, tokens, metric.device, "(B, N, C)")
-    check_size(size, batch, tokens, metric.device)
-    check_flag("class_token", class_token)
-    check_flag("distill_token", distill_token)
-    return check_r(r)
-
-
 def check_match_inputs(metric, r, class_token, distill_token) -> int:
     """All checks of ``bipartite_match``; returns r as an int."""
     check_metric(metric)
     check_flag("class_token", class_token)
     check_flag("distill_token", distill_token)
     return check_r(r)
+
+
+def check_merge_inputs(x, metric, r, size, class_token, distill_token) -> int:
+    """All checks of ``bipartite_merge``; returns r as an int."""
+    r = check_match_inputs(metric, r, class_token, distill_token)
+    batch, tokens = metric.shape[0], metric.shape[-2]
+    check_tokens("x", x, batch, tokens, metric.device, "(B, N, C)")
+    check_size(size, batch, tokens, metric.device)
+    return r

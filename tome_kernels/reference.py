@@ -139,11 +139,11 @@ def _assemble(unm: Tensor, b: Tensor, distill_token: bool) -> Tensor:
     return torch.cat([unm, b], dim=1)
 
 
-def _group_sum(plan: MatchResult, t: Tensor) -> Tensor:
-    """For each B token, its own row plus the rows of every source merging into it."""
+def _group_reduce(plan: MatchResult, t: Tensor, reduce: str = "sum") -> Tensor:
+    """For each B token, ``reduce`` over its own row and the rows of every source merging into it."""
     sources = _gather_rows(t[:, ::2], plan.src_idx)
     index = plan.dst_idx.unsqueeze(-1).expand(-1, -1, t.shape[-1])
-    return t[:, 1::2].scatter_add(1, index, sources)
+    return t[:, 1::2].scatter_reduce(1, index, sources, reduce=reduce, include_self=True)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -165,8 +165,8 @@ def merge_wavg(plan: MatchResult, x: Tensor, size: Optional[Tensor] = None) -> T
 
     acc = torch.promote_types(_accumulation_dtype(x.dtype), out_size_dtype)
     s = size.to(acc)
-    total = _group_sum(plan, s)
-    x_b = (_group_sum(plan, x.to(acc) * s) / total).to(x.dtype)
+    total = _group_reduce(plan, s)
+    x_b = (_group_reduce(plan, x.to(acc) * s) / total).to(x.dtype)
     x_unm = _gather_rows(x[:, ::2], plan.unm_idx)
     s_unm = _gather_rows(s[:, ::2], plan.unm_idx)
     x_out = _assemble(x_unm, x_b, plan.distill_token)
@@ -180,16 +180,14 @@ def merge(plan: MatchResult, x: Tensor, mode: str = "mean") -> Tensor:
         return x
     if mode in ("sum", "mean"):
         acc = _accumulation_dtype(x.dtype)
-        x_b = _group_sum(plan, x.to(acc))
+        x_b = _group_reduce(plan, x.to(acc))
         if mode == "mean":
             ones = torch.ones(*x.shape[:2], 1, dtype=acc, device=x.device)
-            x_b = x_b / _group_sum(plan, ones)
+            x_b = x_b / _group_reduce(plan, ones)
         x_b = x_b.to(x.dtype)
     elif mode in ("amax", "amin"):
         # Max and min are exact in any dtype: no accumulation dtype needed.
-        sources = _gather_rows(x[:, ::2], plan.src_idx)
-        index = plan.dst_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        x_b = x[:, 1::2].scatter_reduce(1, index, sources, reduce=mode, include_self=True)
+        x_b = _group_reduce(plan, x, mode)
     else:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
     return _assemble(_gather_rows(x[:, ::2], plan.unm_idx), x_b, plan.distill_token)
