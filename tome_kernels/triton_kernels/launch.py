@@ -1,0 +1,217 @@
+"""Launchers of the Triton kernels: allocate outputs and scratch, pick block sizes, launch.
+
+No input checking (the public API has done it before anything gets here) and no autograd
+(``ops.py``). Every launcher works for B = 0 (nothing is launched) and for non-contiguous
+inputs (kernels take strides); outputs are contiguous.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from .fused import one_pass_kernel
+from .layout import layout_kernel
+from .match import match_kernel, rank_kernel
+from .merge import MODE_IDS, merge_bwd_kernel, merge_kernel, merge_wavg_bwd_kernel, unmerge_kernel
+
+# Rows of at most this many tokens take the one-pass kernel (match, select and merge in one
+# program per row). Provisional: chosen from the kernels' structure (one 128-token tile of
+# A and of B per row), not yet from a measured crossover; the benchmark providers
+# "triton_one_pass" and "triton_multi_kernel" measure both paths on a GPU.
+ONE_PASS_MAX_TOKENS = 256
+
+
+def use_one_pass(num_tokens: int) -> bool:
+    return num_tokens <= ONE_PASS_MAX_TOKENS
+
+
+def _block(n: int, lo: int, hi: int) -> int:
+    """A power of two covering n, within [lo, hi] (tl.dot needs 16 at least)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _metric_layout(metric: Tensor):
+    """Strides (batch, head, token, feature), heads and feature size of a metric or keys."""
+    if metric.dim() == 4:
+        s_b, s_h, s_n, s_d = metric.stride()
+        return (s_b, s_h, s_n, s_d), metric.shape[1], metric.shape[3]
+    s_b, s_n, s_d = metric.stride()
+    return (s_b, 0, s_n, s_d), 1, metric.shape[2]
+
+
+def _merge_blocks(channels: int) -> Tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): 256 contiguous channels per row, about 2048 elements per tile."""
+    block_c = _block(channels, 16, 256)
+    return max(1, min(16, 2048 // block_c)), block_c
+
+
+def _size_args(size: Optional[Tensor], fallback: Tensor):
+    if size is None:
+        return fallback, 0, 0
+    return size, size.stride(0), size.stride(1)
+
+
+def _matching(
+    metric: Tensor, r: int, class_token: bool, distill_token: bool, one_pass: bool, write_indices: bool,
+    x: Optional[Tensor] = None, size: Optional[Tensor] = None,
+):
+    """Match (and, given x, merge in the one-pass kernel). Returns the index outputs, the
+    groups (members, row_start) and, given x, (x_out, size_out)."""
+    B, N = metric.shape[0], metric.shape[-2]
+    Na, Nb = (N + 1) // 2, N // 2
+    dev = metric.device
+    index = dict(dtype=torch.long, device=dev)
+    if write_indices:
+        src_idx, dst_idx = torch.empty(B, r, **index), torch.empty(B, r, **index)
+        unm_idx, token_map = torch.empty(B, Na - r, **index), torch.empty(B, N, **index)
+    members = torch.empty(B, N, dtype=torch.int32, device=dev)
+    row_start = torch.empty(B, N - r + 1, dtype=torch.int32, device=dev)
+    if not write_indices:
+        # Never written with WRITE_INDICES=False; any valid pointer will do.
+        src_idx = dst_idx = unm_idx = token_map = members
+    merged = None
+    if x is not None:
+        C = x.shape[2]
+        merged = (torch.empty(B, N - r, C, dtype=x.dtype, device=dev), torch.empty(B, N - r, 1, dtype=torch.float32, device=dev))
+    if B == 0:
+        return (src_idx, dst_idx, unm_idx, token_map), (members, row_start), merged
+
+    # Per row: best score (float32), and rank, dst, pos, and per-B count / start (int32).
+    best = torch.empty(B, Na, dtype=torch.float32, device=dev)
+    scratch = torch.empty(B, 3 * Na + Nb, dtype=torch.int32, device=dev)
+    strides, H, D = _metric_layout(metric)
+    block_d = _block(D, 16, 128)
+    one_chunk = D <= block_d
+    idx_args = (src_idx, dst_idx, unm_idx, token_map, members, row_start)
+
+    if one_pass:
+        block_ab = _block(max(Na, Nb), 16, 128)
+        if x is None:
+            x_args, C, block_r, block_c = (metric, 0, 0, 0, metric, 0, 0, best, best), 0, 16, 16
+        else:
+            C = x.shape[2]
+            block_r, block_c = _merge_blocks(C)
+            x_args = (x, *x.stride()) + _size_args(size, x) + merged
+        one_pass_kernel[(B,)](
+            metric, *strides, *x_args, best, scratch, scratch.stride(0), *idx_args,
+            r, N, Na, Nb, H, D, C,
+            IS_KEYS=metric.dim() == 4, CLASS=class_token, DISTILL=distill_token, ONE_CHUNK=one_chunk,
+            HAS_SIZE=size is not None, WRITE_INDICES=write_indices, DO_MERGE=x is not None,
+            BLOCK_A=block_ab, BLOCK_B=block_ab, BLOCK_D=block_d,
+            BLOCK_I=_block(Na, 16, 64), BLOCK_K=_block(Na, 16, 128), BLOCK_L=_block(max(Na, Nb), 16, 64),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+        )
+        return idx_args[:4], (members, row_start), merged
+
+    block_a, block_b = _block(Na, 16, 64), _block(Nb, 16, 64)
+    tiles = triton.cdiv(Na, block_a)
+    match_kernel[(B * tiles,)](
+        metric, *strides, best, scratch, scratch.stride(0), Na, Nb, H, D, tiles,
+        IS_KEYS=metric.dim() == 4, DISTILL=distill_token, ONE_CHUNK=one_chunk,
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4,
+    )
+    block_i = _block(Na, 16, 64)
+    tiles = triton.cdiv(Na, block_i)
+    rank_kernel[(B * tiles,)](
+        best, scratch, scratch.stride(0), Na, tiles, CLASS=class_token, BLOCK_I=block_i,
+        BLOCK_K=_block(Na, 16, 128), num_warps=4,
+    )
+    layout_kernel[(B,)](
+        scratch, scratch.stride(0), *idx_args, r, N, Na, Nb,
+        CLASS=class_token, DISTILL=distill_token, WRITE_INDICES=write_indices,
+        BLOCK=_block(max(Na, Nb), 16, 64), num_warps=4,
+    )
+    if x is not None:
+        merge(x, size, members, row_start, "wavg", out=merged)
+    return idx_args[:4], (members, row_start), merged
+
+
+def match(metric: Tensor, r: int, class_token: bool, distill_token: bool, one_pass: bool):
+    """(src_idx, dst_idx, unm_idx, token_map, members, row_start) for 0 < r <= clamp."""
+    indices, groups, _ = _matching(metric, r, class_token, distill_token, one_pass, True)
+    return indices + groups
+
+
+def bipartite_merge(
+    x: Tensor, metric: Tensor, size: Optional[Tensor], r: int, class_token: bool, distill_token: bool, one_pass: bool
+):
+    """(x_out, size_out, members, row_start): the weighted merge straight from the metric."""
+    _, groups, merged = _matching(metric, r, class_token, distill_token, one_pass, False, x, size)
+    return merged + groups
+
+
+def merge(
+    x: Tensor, size: Optional[Tensor], members: Tensor, row_start: Tensor, mode: str,
+    out: Optional[Tuple[Tensor, Tensor]] = None,
+):
+    """(x_out, size_out) for mode "wavg"; (x_out, empty) for "sum", "mean", "amax", "amin"."""
+    B, N, C = x.shape
+    n_out = row_start.shape[1] - 1
+    if out is None:
+        size_out = x.new_empty((B, n_out, 1) if mode == "wavg" else (0,), dtype=torch.float32)
+        out = (torch.empty(B, n_out, C, dtype=x.dtype, device=x.device), size_out)
+    if B == 0:
+        return out
+    block_r, block_c = _merge_blocks(C)
+    tiles = triton.cdiv(n_out, block_r)
+    merge_kernel[(B * tiles,)](
+        x, *x.stride(), *_size_args(size, x), *out, members, row_start, N, n_out, C, tiles,
+        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return out
+
+
+def merge_wavg_backward(
+    grad_out: Tensor, grad_size_out: Tensor, x: Tensor, size: Optional[Tensor], members: Tensor,
+    row_start: Tensor, size_grad: bool,
+):
+    """(grad_x (B, N, C) in x's dtype, grad_size (B, N, 1) in size's dtype, or empty)."""
+    B, N, C = x.shape
+    n_out = row_start.shape[1] - 1
+    size_grad = size_grad and size is not None
+    grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
+    grad_size = torch.empty((B, N, 1) if size_grad else (0,), dtype=size.dtype if size_grad else torch.float32, device=x.device)
+    if B == 0:
+        return grad_x, grad_size
+    block_r, block_c = _merge_blocks(C)
+    tiles = triton.cdiv(n_out, block_r)
+    merge_wavg_bwd_kernel[(B * tiles,)](
+        grad_out, *grad_out.stride(), grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
+        x, *x.stride(), *_size_args(size, x), grad_x, grad_size if size_grad else grad_x,
+        members, row_start, N, n_out, C, tiles,
+        HAS_SIZE=size is not None, SIZE_GRAD=size_grad, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return grad_x, grad_size
+
+
+def merge_backward(grad_out: Tensor, x: Tensor, y: Tensor, members: Tensor, row_start: Tensor, mode: str) -> Tensor:
+    """grad_x (B, N, C) of merge(x, mode) = y, for the unweighted modes."""
+    B, N, C = x.shape
+    n_out = row_start.shape[1] - 1
+    grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return grad_x
+    block_r, block_c = _merge_blocks(C)
+    tiles = triton.cdiv(n_out, block_r)
+    merge_bwd_kernel[(B * tiles,)](
+        grad_out, *grad_out.stride(), x, *x.stride(), y.contiguous(), grad_x, members, row_start, N, n_out, C, tiles,
+        MODE=MODE_IDS[mode], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return grad_x
+
+
+def unmerge(y: Tensor, token_map: Tensor) -> Tensor:
+    """(B, N, C): every input token's output row, gathered from y (B, N - r, C)."""
+    B, n_out, C = y.shape
+    N = token_map.shape[1]
+    out = torch.empty(B, N, C, dtype=y.dtype, device=y.device)
+    if B == 0:
+        return out
+    block_r, block_c = _merge_blocks(C)
+    tiles = triton.cdiv(N, block_r)
+    unmerge_kernel[(B * tiles,)](
+        y, *y.stride(), token_map.contiguous(), out, N, n_out, C, tiles, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4
+    )
+    return out
