@@ -5,9 +5,13 @@ that cannot load records why (see ``available_backends()``).
 """
 
 from .api import bipartite_match, bipartite_merge
-from .backends import ENV_VAR, BackendFallbackWarning, BackendStatus, available_backends
+from .backends import ENV_VAR, BackendFallbackWarning, BackendStatus, available_backends, register_backend
 from .plan import MergePlan
 from .reference import MERGE_MODES
+from .triton_backend import TritonBackend
+
+# Preference order of "auto": triton, then the reference.
+register_backend(TritonBackend())
 
 __version__ = "0.1.0"
 

@@ -41,7 +41,8 @@ class Backend:
         return None
 
     def unsupported_reasons(self, tensors: Sequence[Tensor]) -> List[str]:
-        """Why this backend cannot run these particular inputs (device, dtype...)."""
+        """Why this backend cannot run these particular inputs (device, dtype...). Answered
+        without loading the backend, so that ``auto`` never loads one it will not use."""
         return []
 
     def expected_for(self, device: torch.device) -> bool:
@@ -123,13 +124,13 @@ def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
     name, source = requested_backend(backend)
     if name == "auto":
         for candidate in _REGISTRY.values():
-            error = candidate.load_error()
-            if error is not None:
-                if tensors and candidate.expected_for(tensors[0].device):
-                    _warn_once(candidate, error)
+            if candidate.unsupported_reasons(tensors):
                 continue
-            if not candidate.unsupported_reasons(tensors):
+            error = candidate.load_error()
+            if error is None:
                 return candidate
+            if tensors and candidate.expected_for(tensors[0].device):
+                _warn_once(candidate, error)
         raise AssertionError("the reference backend runs every valid input")
     if name not in _REGISTRY:
         raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")

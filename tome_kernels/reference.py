@@ -27,6 +27,8 @@ class MatchResult(NamedTuple):
     ``dst_idx`` (B, r): B-index each of those tokens merges into.
     ``unm_idx`` (B, Na - r): A-index of each kept A token, in output order.
     ``token_map`` (B, N): output row of every input token.
+    ``groups``: how a backend that made this result stores the groups for its merge kernels
+    (the Triton backend's ``(members, row_start)``), or None; other backends ignore it.
     """
 
     r: int
@@ -36,6 +38,7 @@ class MatchResult(NamedTuple):
     token_map: Tensor
     class_token: bool
     distill_token: bool
+    groups: Optional[Tuple[Tensor, Tensor]] = None
 
 
 def clamp_r(r: int, n: int, class_token: bool = False, distill_token: bool = False) -> int:

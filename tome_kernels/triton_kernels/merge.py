@@ -101,7 +101,7 @@ def merge_rows(
         if MODE == WAVG:
             acc = acc / total[:, None]
         elif MODE == MEAN:
-            acc = acc / count.to(tl.float32)[:, None]
+            acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]
         # Kept tokens are copies: x0 converts back to x's dtype exactly.
         y = tl.where(copy[:, None], x0, acc)
         tl.store(out_b + o_r[:, None] * C + o_c[None, :], y.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
@@ -198,7 +198,7 @@ def merge_bwd_kernel(
         m_rc = m_r[:, None] & (o_c[None, :] < C)
         gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_rc, other=0.0).to(tl.float32)
         if MODE == MEAN:
-            gy = gy / count.to(tl.float32)[:, None]
+            gy = gy / tl.maximum(count, 1).to(tl.float32)[:, None]
         if MODE == AMAX or MODE == AMIN:
             y = tl.load(y_ptr + (b64 * n_out + o_r)[:, None] * C + o_c[None, :], mask=m_rc, other=0.0)
             y = y.to(tl.float32)

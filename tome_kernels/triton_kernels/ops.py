@@ -1,0 +1,196 @@
+"""The Triton kernels as PyTorch operators (namespace ``tome_kernels``), with fake kernels and
+registered autograd, so that ``torch.compile(fullgraph=True)`` traces through them and
+``torch.library.opcheck`` passes.
+
+Each operator takes an already clamped ``r > 0`` and the groups (``members``,
+``row_start``, see ``layout.py``) that the matching produced; ``r = 0`` ("no merge", whose
+outputs are the inputs themselves) is handled by the caller, because an operator may not
+return its input.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import launch
+
+_MODES = ("sum", "mean", "amax", "amin")
+
+
+def _index(t: Tensor, *shape: int) -> Tensor:
+    return t.new_empty(shape, dtype=torch.long)
+
+
+def _int32(t: Tensor, *shape: int) -> Tensor:
+    return t.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("tome_kernels::triton_match", mutates_args=())
+def match(
+    metric: Tensor, r: int, class_token: bool, distill_token: bool, one_pass: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(src_idx, dst_idx, unm_idx, token_map, members, row_start)."""
+    return launch.match(metric, r, class_token, distill_token, one_pass)
+
+
+@match.register_fake
+def _(metric, r, class_token, distill_token, one_pass):
+    B, N = metric.shape[0], metric.shape[-2]
+    na = (N + 1) // 2
+    return (
+        _index(metric, B, r), _index(metric, B, r), _index(metric, B, na - r), _index(metric, B, N),
+        _int32(metric, B, N), _int32(metric, B, N - r + 1),
+    )
+
+
+@torch.library.custom_op("tome_kernels::triton_bipartite_merge", mutates_args=())
+def bipartite_merge(
+    x: Tensor, metric: Tensor, size: Optional[Tensor], r: int, class_token: bool, distill_token: bool, one_pass: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_merged, size_merged, members, row_start): matching and weighted merge."""
+    return launch.bipartite_merge(x, metric, size, r, class_token, distill_token, one_pass)
+
+
+@bipartite_merge.register_fake
+def _(x, metric, size, r, class_token, distill_token, one_pass):
+    B, N, C = x.shape
+    return (
+        x.new_empty(B, N - r, C), x.new_empty(B, N - r, 1, dtype=torch.float32),
+        _int32(x, B, N), _int32(x, B, N - r + 1),
+    )
+
+
+@torch.library.custom_op("tome_kernels::triton_merge_wavg", mutates_args=())
+def merge_wavg(x: Tensor, size: Optional[Tensor], members: Tensor, row_start: Tensor) -> Tuple[Tensor, Tensor]:
+    """(x_merged, size_merged) for the groups of a matching."""
+    return launch.merge(x, size, members, row_start, "wavg")
+
+
+@merge_wavg.register_fake
+def _(x, size, members, row_start):
+    B, _, C = x.shape
+    n_out = row_start.shape[1] - 1
+    return x.new_empty(B, n_out, C), x.new_empty(B, n_out, 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("tome_kernels::triton_merge_wavg_backward", mutates_args=())
+def merge_wavg_backward(
+    grad_out: Tensor, grad_size_out: Tensor, x: Tensor, size: Optional[Tensor], members: Tensor,
+    row_start: Tensor, size_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """(grad_x, grad_size); grad_size is empty unless ``size_grad`` and a size was given."""
+    return launch.merge_wavg_backward(grad_out, grad_size_out, x, size, members, row_start, size_grad)
+
+
+@merge_wavg_backward.register_fake
+def _(grad_out, grad_size_out, x, size, members, row_start, size_grad):
+    if size_grad and size is not None:
+        return x.new_empty(x.shape), size.new_empty(*x.shape[:2], 1)
+    return x.new_empty(x.shape), x.new_empty(0, dtype=torch.float32)
+
+
+def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, size_index):
+    size_grad = size is not None and ctx.needs_input_grad[size_index]
+    # An output autograd did not need a gradient for gets zeros.
+    shape = (x.shape[0], row_start.shape[1] - 1)
+    if grad_out is None:
+        grad_out = x.new_zeros(*shape, x.shape[2])
+    if grad_size_out is None:
+        grad_size_out = x.new_zeros(*shape, 1, dtype=torch.float32)
+    grad_x, grad_size = merge_wavg_backward(grad_out, grad_size_out, x, size, members, row_start, size_grad)
+    return grad_x, (grad_size if size_grad else None)
+
+
+def _setup_bipartite_merge(ctx, inputs, output):
+    x, _, size = inputs[:3]
+    ctx.save_for_backward(x, size, *output[2:])
+
+
+def _backward_bipartite_merge(ctx, grad_out, grad_size_out, _members, _row_start):
+    x, size, members, row_start = ctx.saved_tensors
+    grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, 2)
+    return grad_x, None, grad_size, None, None, None, None
+
+
+bipartite_merge.register_autograd(_backward_bipartite_merge, setup_context=_setup_bipartite_merge)
+
+
+def _setup_merge_wavg(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_merge_wavg(ctx, grad_out, grad_size_out):
+    x, size, members, row_start = ctx.saved_tensors
+    grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, 1)
+    return grad_x, grad_size, None, None
+
+
+merge_wavg.register_autograd(_backward_merge_wavg, setup_context=_setup_merge_wavg)
+
+
+@torch.library.custom_op("tome_kernels::triton_merge", mutates_args=())
+def merge(x: Tensor, members: Tensor, row_start: Tensor, mode: str) -> Tensor:
+    """Each group reduced by ``mode``: "sum", "mean", "amax" or "amin"."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    return launch.merge(x, None, members, row_start, mode)[0]
+
+
+@merge.register_fake
+def _(x, members, row_start, mode):
+    return x.new_empty(x.shape[0], row_start.shape[1] - 1, x.shape[2])
+
+
+@torch.library.custom_op("tome_kernels::triton_merge_backward", mutates_args=())
+def merge_backward(grad_out: Tensor, x: Tensor, out: Tensor, members: Tensor, row_start: Tensor, mode: str) -> Tensor:
+    """grad_x of ``out = merge(x, members, row_start, mode)``."""
+    return launch.merge_backward(grad_out, x, out, members, row_start, mode)
+
+
+@merge_backward.register_fake
+def _(grad_out, x, out, members, row_start, mode):
+    return x.new_empty(x.shape)
+
+
+def _setup_merge(ctx, inputs, output):
+    x, members, row_start, mode = inputs
+    ctx.save_for_backward(x, output, members, row_start)
+    ctx.mode = mode
+
+
+def _backward_merge(ctx, grad_out):
+    x, out, members, row_start = ctx.saved_tensors
+    return merge_backward(_zeros_if_none(grad_out, out), x, out, members, row_start, ctx.mode), None, None, None
+
+
+merge.register_autograd(_backward_merge, setup_context=_setup_merge)
+
+
+@torch.library.custom_op("tome_kernels::triton_unmerge", mutates_args=())
+def unmerge(y: Tensor, token_map: Tensor, members: Tensor, row_start: Tensor) -> Tensor:
+    """(B, N, C): each input token's output row of y. The groups serve the backward."""
+    return launch.unmerge(y, token_map)
+
+
+@unmerge.register_fake
+def _(y, token_map, members, row_start):
+    return y.new_empty(y.shape[0], token_map.shape[1], y.shape[2])
+
+
+def _setup_unmerge(ctx, inputs, output):
+    _, _, members, row_start = inputs
+    ctx.save_for_backward(members, row_start)
+
+
+def _backward_unmerge(ctx, grad_out):
+    members, row_start = ctx.saved_tensors
+    # Each output row received copies of one row of y: its gradient is their sum.
+    return merge(grad_out, members, row_start, "sum"), None, None, None
+
+
+unmerge.register_autograd(_backward_unmerge, setup_context=_setup_unmerge)
