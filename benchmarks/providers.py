@@ -5,6 +5,7 @@ the same under ``torch.compile``; every other backend registered in tome_kernels
 provider of its own name, run through the public ``bipartite_merge``.
 """
 
+import os
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -73,4 +74,7 @@ def unavailable_reason(provider: str, inputs: Dict[str, torch.Tensor]):
     """Why a provider cannot run these inputs here, or None."""
     if provider in ("reference", "reference_compiled"):
         return None
+    if provider.startswith("triton") and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter runs the kernels on the CPU, ~1000x slower: correct, not timeable.
+        return "Triton's interpreter is on (TRITON_INTERPRET=1), its timings would mean nothing"
     return "; ".join(cannot_run_reasons(provider, list(inputs.values()))) or None

@@ -7,7 +7,16 @@ import torch
 
 import tome_kernels
 from tome_kernels import BackendFallbackWarning, available_backends, bipartite_match, bipartite_merge, reference
+from tome_kernels import backends
 from tome_kernels.backends import ENV_VAR, Backend, register_backend
+from tome_kernels.triton_backend import TritonBackend
+
+
+@pytest.fixture(autouse=True)
+def _stand_ins_only(_isolated_backend_state):
+    """The stand-in backends below are tested ahead of the reference alone; the Triton
+    backend (which the interpreter lets run CPU tensors here) would take their inputs."""
+    backends._REGISTRY.pop("triton", None)
 
 
 class BrokenBackend(Backend):
@@ -104,6 +113,28 @@ def test_plan_reports_its_backend():
     plan = bipartite_match(inputs()[1], 3, backend="reference")
     assert plan.backend == "reference"
     assert "backend='reference'" in repr(plan)
+
+
+def test_triton_is_registered_first_for_auto(monkeypatch):
+    monkeypatch.setattr(backends, "_REGISTRY", {"triton": TritonBackend(), **backends._REGISTRY})
+    assert list(available_backends()) == ["triton", "reference"]
+    # Under the interpreter (tests/conftest.py) it takes float32 CPU inputs; float64 it
+    # leaves to the reference, and asked for by name it says why not.
+    assert bipartite_match(inputs()[1], 3).backend == "triton"
+    assert bipartite_match(inputs(torch.float64)[1], 3).backend == "reference"
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: it computes float16, bfloat16 and float32, not float64"):
+        bipartite_match(inputs(torch.float64)[1], 3, backend="triton")
+
+
+def test_triton_without_interpreter_refuses_cpu_tensors_without_loading(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fresh = TritonBackend()
+    assert fresh.unsupported_reasons([torch.zeros(1)]) == [
+        "it runs CUDA tensors; CPU tensors only in Triton's interpreter "
+        "(TRITON_INTERPRET=1 set before the first use of tome_kernels)"
+    ]
+    assert fresh._ops is None and fresh._error is None
+    assert fresh.expected_for(torch.device("cuda")) and not fresh.expected_for(torch.device("cpu"))
 
 
 def test_package_exports():

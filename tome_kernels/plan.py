@@ -8,6 +8,9 @@ from . import checks
 from .backends import Backend
 from .reference import MatchResult
 
+# Applies a plan to tensors its own backend cannot run (e.g. float64 with the Triton one).
+_REFERENCE = Backend()
+
 
 class MergePlan:
     """Which tokens merge into which, for a batch of B rows of N tokens.
@@ -55,6 +58,12 @@ class MergePlan:
         """The raw index tensors (sources, destinations, kept A tokens, token map)."""
         return self._match
 
+    def _backend_for(self, *tensors: Optional[Tensor]) -> Backend:
+        """The plan's backend, or the reference for tensors that backend cannot run: any
+        backend's plan is a valid reference plan, so the result is the same."""
+        given = [t for t in tensors if t is not None]
+        return _REFERENCE if self._backend.unsupported_reasons(given) else self._backend
+
     def _check_tokens(self, name: str, value, tokens: int) -> Tensor:
         return checks.check_tokens(name, value, self.batch_size, tokens, self.device, f"(B, {tokens}, C)")
 
@@ -62,18 +71,18 @@ class MergePlan:
         """Size-weighted average of each group: (x (B, N-r, C), size (B, N-r, 1))."""
         self._check_tokens("x", x, self.num_tokens)
         checks.check_size(size, self.batch_size, self.num_tokens, self.device)
-        return self._backend.merge_wavg(self._match, x, size)
+        return self._backend_for(x, size).merge_wavg(self._match, x, size)
 
     def merge(self, x: Tensor, mode: str = "mean") -> Tensor:
         """Reduce each group by ``mode``: "sum", "mean", "amax" or "amin"."""
         checks.check_mode(mode)
         self._check_tokens("x", x, self.num_tokens)
-        return self._backend.merge(self._match, x, mode)
+        return self._backend_for(x).merge(self._match, x, mode)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """(B, N-r, C) back to (B, N, C): each input token gets the row it was merged into."""
         self._check_tokens("y", y, self.num_tokens - self.r)
-        return self._backend.unmerge(self._match, y)
+        return self._backend_for(y).unmerge(self._match, y)
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,217 @@
+"""The Triton backend against the reference: both paths (one-pass and multi-kernel), every
+flag, dtypes, odd and tiled shapes, non-contiguous inputs, NaN rows, gradients, the
+torch.library registration, and outputs poisoned before the kernels run.
+
+In CI these run in Triton's interpreter on CPU tensors (tests/conftest.py); with
+TOME_TEST_DEVICE=cuda the same tests run on the GPU.
+"""
+
+import pytest
+import torch
+
+import tome_kernels
+from tome_kernels import bipartite_match, bipartite_merge, reference
+from tome_kernels.triton_kernels import launch, ops
+
+NAN = float("nan")
+
+# (N, heads or None, D): one tile and several; D in one block, below 16 and over 128
+# (the chunked path); odd and even N; N = 2 and 3.
+SHAPES = [(2, None, 4), (3, 2, 5), (9, None, 8), (16, 3, 16), (41, None, 300), (197, 2, 24), (300, None, 8)]
+
+
+@pytest.fixture(params=["one_pass", "multi_kernel"])
+def path(request, monkeypatch):
+    """Force one path for every call in the test."""
+    monkeypatch.setattr(launch, "ONE_PASS_MAX_TOKENS", 10**9 if request.param == "one_pass" else 0)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer launch.py allocates starts as NaN (floats) or -7 (ints), so an output
+    element a kernel forgets to write fails the comparison instead of passing by luck."""
+
+    class PoisonedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*shape, **kwargs):
+            t = torch.empty(*shape, **kwargs)
+            return t.fill_(NAN if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(launch, "torch", PoisonedTorch())
+
+
+def make(shape, batch, dtype, device, seed=0):
+    n, heads, d = shape
+    g = torch.Generator().manual_seed(seed)
+    metric_shape = (batch, n, d) if heads is None else (batch, heads, n, d)
+    metric = torch.randn(metric_shape, generator=g).to(device, dtype)
+    x = torch.randn(batch, n, 6, generator=g).to(device, dtype)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).to(device, torch.float32)
+    return x, metric, size
+
+
+def assert_same_plan(plan, expected):
+    assert plan.r == expected.r
+    for name in ("src_idx", "dst_idx", "unm_idx", "token_map"):
+        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True), (False, True)])
+def test_float32_matches_reference(path, device, shape, class_token, distill_token):
+    x, metric, size = make(shape, 2, torch.float32, device)
+    flags = dict(class_token=class_token, distill_token=distill_token)
+    r = shape[0] // 3 + 1
+    plan = bipartite_match(metric, r, **flags, backend="triton")
+    expected = reference.match(metric, r, **flags)
+    assert_same_plan(plan.match_result, expected)
+
+    for with_size in (None, size):
+        got = bipartite_merge(x, metric, r, with_size, **flags, backend="triton")
+        want = reference.merge_wavg(expected, x, with_size)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(plan.merge_wavg(x, with_size), want, rtol=1e-5, atol=1e-6)
+    for mode in tome_kernels.MERGE_MODES:
+        torch.testing.assert_close(plan.merge(x, mode), reference.merge(expected, x, mode), rtol=1e-5, atol=1e-6)
+    y = torch.randn(2, shape[0] - plan.r, 5, device=device)
+    assert torch.equal(plan.unmerge(y), reference.unmerge(expected, y))
+
+
+@pytest.mark.parametrize("shape", [(9, None, 8), (41, 2, 40)], ids=str)
+def test_float16_within_twice_the_reference_error(path, device, shape):
+    """Same decisions as the reference (which upcasts the same half inputs); merged values
+    no further from a float64 computation than twice the reference's own error, plus one
+    half-precision ulp at the output's scale for rounding the reference happened to dodge."""
+    x, metric, size = make(shape, 3, torch.float16, device)
+    r = shape[0] // 2
+    plan = bipartite_match(metric, r, class_token=True, backend="triton")
+    expected = reference.match(metric, r, class_token=True)
+    assert_same_plan(plan.match_result, expected)
+    got, got_size = bipartite_merge(x, metric, r, size, class_token=True, backend="triton")
+    ref, _ = reference.merge_wavg(expected, x, size)
+    exact, exact_size = reference.merge_wavg(expected, x.double(), size.double())
+    ref_err = (ref.double() - exact).abs().max()
+    ulp = torch.finfo(torch.float16).eps * exact.abs().max()
+    assert (got.double() - exact).abs().max() <= 2 * ref_err + ulp
+    torch.testing.assert_close(got_size.double(), exact_size, rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs(path, device):
+    x, metric, size = make((13, 2, 8), 3, torch.float32, device)
+    # Keys as attention produces them: a head-major view of a (B, N, H, Dh) tensor.
+    keys = metric.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
+    size_t = torch.cat([size, size], dim=-1)[..., :1]
+    assert not (keys.is_contiguous() or x_t.is_contiguous() or size_t.is_contiguous())
+    got = bipartite_merge(x_t, keys, 5, size_t, class_token=True, backend="triton")
+    torch.testing.assert_close(got, reference.bipartite_merge(x, metric, 5, size, class_token=True))
+
+
+def test_nan_rows_and_clamped_r(path, device):
+    x, metric, size = make((11, None, 4), 2, torch.float32, device)
+    metric[0, 3] = NAN
+    metric[1, ::2] = NAN  # every A token's row: all scores NaN
+    got = bipartite_match(metric, 100, distill_token=True, backend="triton")
+    expected = reference.match(metric, 100, distill_token=True)
+    assert got.r == expected.r == 5
+    assert_same_plan(got.match_result, expected)
+
+
+def test_no_merge_and_empty_batch(device):
+    x, metric, size = make((7, None, 4), 2, torch.float32, device)
+    x_out, size_out = bipartite_merge(x, metric, 0, backend="triton")
+    assert x_out is x and torch.equal(size_out, torch.ones(2, 7, 1, device=device))
+    x0, m0, s0 = x[:0], metric[:0], size[:0]
+    x_out, size_out = bipartite_merge(x0, m0, 3, s0, backend="triton")
+    assert x_out.shape == (0, 4, 6) and size_out.shape == (0, 4, 1)
+    assert bipartite_match(m0, 3, backend="triton").token_map.shape == (0, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weighted_merge_gradients(path, device, dtype):
+    x, metric, size = make((15, 2, 8), 2, dtype, device)
+    r = 6
+    grads = []
+    for backend in ("triton", "reference"):
+        xs, ss = x.clone().requires_grad_(), size.clone().requires_grad_()
+        x_out, size_out = bipartite_merge(xs, metric, r, ss, class_token=True, backend=backend)
+        weights = torch.linspace(-1, 1, x_out.numel(), device=device).view_as(x_out).to(dtype)
+        loss = (x_out * weights).float().sum() + (size_out * size_out).sum()
+        grads.append(torch.autograd.grad(loss, (xs, ss)))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_modes_and_unmerge_gradients(device):
+    x, metric, _ = make((15, None, 8), 2, torch.float32, device)
+    x = x.round()  # repeated values: amax / amin must share the gradient between ties
+    plan = bipartite_match(metric, 7, backend="triton")
+    for mode in tome_kernels.MERGE_MODES:
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = torch.autograd.grad((plan.merge(xs, mode) ** 2).sum(), xs)[0]
+        want = torch.autograd.grad((reference.merge(plan.match_result, xr, mode) ** 2).sum(), xr)[0]
+        torch.testing.assert_close(got, want, msg=mode)
+    y = torch.randn(2, 8, 3, device=device, requires_grad=True)
+    got = torch.autograd.grad((plan.unmerge(y) ** 3).sum(), y)[0]
+    want = torch.autograd.grad((reference.unmerge(plan.match_result, y) ** 3).sum(), y)[0]
+    torch.testing.assert_close(got, want)
+
+
+def test_plan_from_another_backend_and_float64_fall_back(device):
+    """The Triton backend can apply a plan it did not make (groups from the token map), and a
+    Triton plan applied to float64 tensors runs them in the reference."""
+    x, metric, size = make((12, None, 4), 2, torch.float32, device)
+    expected = reference.match(metric, 5, class_token=True)
+    backend = tome_kernels.backends._REGISTRY["triton"]
+    torch.testing.assert_close(backend.merge_wavg(expected, x, size), reference.merge_wavg(expected, x, size))
+    plan = bipartite_match(metric, 5, class_token=True, backend="triton")
+    x64 = x.double()
+    assert plan.merge_wavg(x64)[0].dtype == torch.float64
+    torch.testing.assert_close(plan.merge_wavg(x64), reference.merge_wavg(expected, x64))
+
+
+def op_samples(device):
+    x, metric, size = make((9, 2, 8), 2, torch.float32, device)
+    src, dst, unm, token_map, members, row_start = ops.match(metric, 3, True, False, False)
+    grad_out = torch.randn(2, 6, 6, device=device)
+    # The differentiable ops get inputs that require grad, so opcheck tests their autograd.
+    xg, sizeg = x.clone().requires_grad_(), size.clone().requires_grad_()
+    return [
+        (ops.match, (metric, 3, True, False, True)),
+        (ops.bipartite_merge, (xg, metric, sizeg, 3, True, False, False)),
+        (ops.merge_wavg, (xg, sizeg, members, row_start)),
+        (ops.merge_wavg, (xg, None, members, row_start)),
+        (ops.merge_wavg_backward, (grad_out, grad_out[..., :1], x, size, members, row_start, True)),
+        (ops.merge, (xg, members, row_start, "amax")),
+        (ops.merge_backward, (grad_out, x, ops.merge(x, members, row_start, "amax"), members, row_start, "amax")),
+        (ops.unmerge, (grad_out.clone().requires_grad_(), token_map, members, row_start)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(device, case):
+    op, args = op_samples(device)[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compiles_without_graph_breaks(device):
+    x, metric, size = make((17, 2, 8), 2, torch.float32, device)
+
+    def step(x, metric, size):
+        x_out, size_out = bipartite_merge(x, metric, 5, size, class_token=True, backend="triton")
+        return x_out * size_out
+
+    # aot_eager traces the graph and the backward exactly as inductor would see them,
+    # without compiling C++ here; fullgraph=True makes any graph break an error.
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    xs = x.clone().requires_grad_()
+    got = compiled(xs, metric, size)
+    want = step(x.clone().requires_grad_(), metric, size)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert xs.grad is not None and xs.grad.shape == x.shape
