@@ -18,6 +18,9 @@ from .shapes import Shape
 
 Step = Callable[[], Tuple[torch.Tensor, ...]]
 
+# Providers that force one path of the Triton backend: provider -> one_pass.
+TRITON_PATHS = {"triton_one_pass": True, "triton_multi_kernel": False}
+
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Random inputs (never zeros: they hide unwritten outputs and can time faster)."""
@@ -43,6 +46,12 @@ def _forward_fn(provider: str, shape: Shape) -> Callable:
         return reference_step
     if provider == "reference_compiled":
         return torch.compile(reference_step, dynamic=False)
+    if provider in TRITON_PATHS:
+        from tome_kernels.triton_kernels import ops
+
+        one_pass = TRITON_PATHS[provider]
+        # The operator itself, to time one path whatever the crossover in launch.py says.
+        return lambda x, metric, size: ops.bipartite_merge(x, metric, size, r, class_token, False, one_pass)[:2]
     return lambda x, metric, size: tome_kernels.bipartite_merge(
         x, metric, r, size, class_token=class_token, backend=provider
     )
@@ -65,9 +74,13 @@ def make_step(provider: str, shape: Shape, inputs: Dict[str, torch.Tensor], back
 
 
 def provider_names() -> List[str]:
-    """Every provider, fastest-registered backends first, the references last."""
-    backends = [name for name in tome_kernels.available_backends() if name != "reference"]
-    return backends + ["reference_compiled", "reference"]
+    """Every provider, fastest-registered backends first, the references last. The Triton
+    backend also gets one provider per path, to measure where one pass beats several."""
+    names = []
+    for name in tome_kernels.available_backends():
+        if name != "reference":
+            names += [name] + ([*TRITON_PATHS] if name == "triton" else [])
+    return names + ["reference_compiled", "reference"]
 
 
 def unavailable_reason(provider: str, inputs: Dict[str, torch.Tensor]):
@@ -77,4 +90,5 @@ def unavailable_reason(provider: str, inputs: Dict[str, torch.Tensor]):
     if provider.startswith("triton") and os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter runs the kernels on the CPU, ~1000x slower: correct, not timeable.
         return "Triton's interpreter is on (TRITON_INTERPRET=1), its timings would mean nothing"
-    return "; ".join(cannot_run_reasons(provider, list(inputs.values()))) or None
+    backend = "triton" if provider in TRITON_PATHS else provider
+    return "; ".join(cannot_run_reasons(backend, list(inputs.values()))) or None
