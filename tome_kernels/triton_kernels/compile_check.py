@@ -2,8 +2,8 @@
 
 The test suite runs the kernels in Triton's interpreter (``TRITON_INTERPRET=1``), which
 executes them with NumPy and never lowers them: it misses what only the compiler sees
-(layouts of ``tl.dot`` operands, type errors on paths the interpreter treats loosely,
-constexpr branches, register and shared-memory limits, ptxas errors). This module compiles
+(globals that are not ``tl.constexpr``, layouts of ``tl.dot`` operands, type errors on paths
+the interpreter treats loosely, shared-memory limits, ptxas errors). This module compiles
 each kernel down to a cubin for its meaningful specialisations: every dtype, every value of
 each boolean constexpr, the merge modes, the block sizes ``launch.py`` picks for a few
 representative shapes, and both the generic (strided) and the contiguous-input code.
@@ -11,7 +11,9 @@ representative shapes, and both the generic (strided) and the contiguous-input c
     python -m tome_kernels.triton_kernels.compile_check [--arch 90] [--jobs N]
 
 Prints ``ok <kernel> <spec>`` per compiled variant and a summary ``compiled K of N``;
-exits non-zero if any variant failed. Must run without ``TRITON_INTERPRET=1``.
+exits non-zero if any variant failed. Must run without ``TRITON_INTERPRET=1``. Compiles into
+a fresh Triton cache every run: a cache hit skips the code generator, so a kernel cached
+once under other settings (e.g. ``TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1``) would pass unseen.
 """
 
 import argparse
@@ -20,9 +22,10 @@ import itertools
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import traceback
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -82,10 +85,16 @@ KERNELS = {
     ),
 }
 
-# Representative shapes: ViT-B/16 (N=197, keys of 12 heads x 64, C=768); a Stable Diffusion
-# row (N=4096, D=C=320: D spans three 128-wide blocks, so ONE_CHUNK=False); a tiny row where
-# every block clamps to its minimum of 16. The first is the main one.
-SHAPES = {"vit": dict(N=197, D=64, C=768), "sd": dict(N=4096, D=320, C=320), "tiny": dict(N=5, D=4, C=3)}
+# Representative shapes: ViT-B/16 (N=197, keys of 12 heads x 64, C=768), the main one; a
+# Stable Diffusion row (N=4096, D=C=320: D spans three 128-wide blocks, so ONE_CHUNK=False);
+# a tiny row, where every block clamps to its minimum of 16; a tiny row of wide tokens
+# (ONE_CHUNK=False with the smallest token blocks, which compiles fast).
+SHAPES = {
+    "vit": dict(N=197, D=64, C=768),
+    "sd": dict(N=4096, D=320, C=320),
+    "tiny": dict(N=5, D=4, C=3),
+    "tiny_wide": dict(N=5, D=320, C=320),
+}
 
 # "strided": every int a plain i32 and pointers of unknown alignment, the most general code.
 # "contiguous": what Triton specialises at runtime for contiguous, freshly allocated inputs:
@@ -139,35 +148,60 @@ def all_specs() -> List[Tuple[str, Dict[str, object]]]:
         spec.update(_blocks(kernel, shape, constexprs.get("DO_MERGE", True)))
         specs.append((kernel, spec))
 
-    def sweep(kernel, flag_sets, dtypes=DTYPES, num_warps=4):
-        """Each flag set at the main shape in both layouts, per dtype; each other shape with
-        the defaults and with every flag set (contiguous, the common case), per dtype."""
+    def sweep(kernel, flag_sets, dtypes=DTYPES):
+        """For kernels that compile in well under a second: each flag set at the main shape
+        in both layouts, per dtype; the other shapes' blocks with the defaults (the first
+        set) and with every flag set (the last), contiguous."""
         for dtype in dtypes:
             for flags, layout in itertools.product(flag_sets, LAYOUTS):
-                add(kernel, dtype, "vit", layout, num_warps, **flags)
-            for shape in list(SHAPES)[1:]:
+                add(kernel, dtype, "vit", layout, **flags)
+            for shape in ("sd", "tiny", "tiny_wide"):
                 for flags in (flag_sets[0], flag_sets[-1]):
-                    add(kernel, dtype, shape, "contiguous", num_warps, **flags)
+                    add(kernel, dtype, shape, "contiguous", **flags)
+
+    def sweep_slow(kernel, flag_sets, defaults, everything, num_warps):
+        """For the matching kernels, whose launch-sized blocks (a 64 or 128 square tl.dot)
+        take 3 to 15 s a compile: the flags are covered per dtype at the tiny shapes, whose
+        16-wide blocks compile in about a second; the launch-sized blocks get the defaults
+        per dtype, and in float16 (what models run in) also every flag set, at the main
+        shape strided and at the sd shape (ONE_CHUNK=False)."""
+        for dtype in DTYPES:
+            for flags in flag_sets:
+                add(kernel, dtype, "tiny", "contiguous", num_warps, **flags)
+            add(kernel, dtype, "tiny", "strided", num_warps, **everything)
+            add(kernel, dtype, "tiny_wide", "contiguous", num_warps, **everything)
+            add(kernel, dtype, "vit", "contiguous", num_warps, **defaults)
+        add(kernel, "fp16", "vit", "strided", num_warps, **everything)
+        add(kernel, "fp16", "sd", "contiguous", num_warps, **everything)
 
     # No data pointers: the dtype under test does not reach these two.
     sweep("rank_kernel", _flag_sets(("CLASS",), full=True), dtypes=("-",))
     sweep("layout_kernel", _flag_sets(("CLASS", "DISTILL", "WRITE_INDICES"), full=True), dtypes=("-",))
-    sweep("match_kernel", _flag_sets(("IS_KEYS", "DISTILL"), full=True))
-    # HAS_SIZE only matters to the weighted mode (0); launch.py passes it for every mode.
-    merge_sets = [dict(MODE=0, HAS_SIZE=False)] + [dict(MODE=m, HAS_SIZE=False) for m in (1, 2, 3, 4)]
-    sweep("merge_kernel", merge_sets + [dict(MODE=0, HAS_SIZE=True)])
+    # HAS_SIZE only matters to the weighted mode (0), but launch.py passes it for every mode.
+    merge_sets = [dict(MODE=m, HAS_SIZE=False) for m in (0, 1, 2, 3, 4)] + [dict(MODE=0, HAS_SIZE=True)]
+    sweep("merge_kernel", merge_sets)
     # SIZE_GRAD implies HAS_SIZE (launch.py: size_grad = size_grad and size is not None).
-    wavg_bwd_sets = [dict(HAS_SIZE=False, SIZE_GRAD=False), dict(HAS_SIZE=True, SIZE_GRAD=False), dict(HAS_SIZE=True, SIZE_GRAD=True)]
-    sweep("merge_wavg_bwd_kernel", wavg_bwd_sets)
+    sweep("merge_wavg_bwd_kernel", [dict(HAS_SIZE=h, SIZE_GRAD=g) for h, g in ((False, False), (True, False), (True, True))])
     sweep("merge_bwd_kernel", [dict(MODE=m) for m in (1, 2, 3, 4)])
     sweep("unmerge_kernel", [{}])
-    one_pass_flags = ("IS_KEYS", "CLASS", "DISTILL", "HAS_SIZE", "WRITE_INDICES", "DO_MERGE")
-    sweep("one_pass_kernel", _flag_sets(one_pass_flags, full=False), num_warps=8)
 
-    # The same variant reached twice (e.g. two shapes with the same blocks) compiles once.
+    match_flags = ("IS_KEYS", "DISTILL")
+    sweep_slow("match_kernel", _flag_sets(match_flags, full=True), dict.fromkeys(match_flags, False), dict.fromkeys(match_flags, True), 4)
+    # One-pass defaults: bipartite_match's launch (indices, no merge); every flag set:
+    # bipartite_merge's launch (merge, no indices) with keys, sizes and both special tokens.
+    one_pass_flags = ("IS_KEYS", "CLASS", "DISTILL", "HAS_SIZE", "WRITE_INDICES", "DO_MERGE")
+    no_flags = dict.fromkeys(one_pass_flags, False)
+    sweep_slow(
+        "one_pass_kernel", _flag_sets(one_pass_flags, full=False), dict(no_flags, WRITE_INDICES=True),
+        dict(dict.fromkeys(one_pass_flags, True), WRITE_INDICES=False), 8,
+    )
+
+    # The same variant reached twice (two shapes with the same blocks and, where the kernel
+    # has row strides, the same row alignment) compiles once.
     unique, seen = [], set()
     for kernel, spec in specs:
-        key = (kernel, tuple(sorted((k, v) for k, v in spec.items() if k != "shape")))
+        aligned = bool(KERNELS[kernel]["wide"]) and _rows_aligned(spec)
+        key = (kernel, aligned, tuple(sorted((k, v) for k, v in spec.items() if k != "shape")))
         if key not in seen:
             seen.add(key)
             unique.append((kernel, spec))
@@ -178,6 +212,12 @@ def _kernel(name: str):
     """The kernel, imported here: worker processes import the package themselves."""
     module = importlib.import_module(f"{__package__}.{KERNELS[name]['module']}")
     return getattr(module, name)
+
+
+def _rows_aligned(spec: Dict[str, object]) -> bool:
+    """Whether the row strides and widths of this variant are known multiples of 16."""
+    shape = SHAPES[spec["shape"]]
+    return spec["layout"] == "contiguous" and shape["C"] % 16 == 0 and shape["D"] % 16 == 0
 
 
 def _ones(kernel: str, spec: Dict[str, object]) -> Tuple[str, ...]:
@@ -197,8 +237,7 @@ def signature(kernel: str, spec: Dict[str, object]):
     fn = _kernel(kernel)
     table = KERNELS[kernel]
     ones = _ones(kernel, spec)
-    shape = SHAPES[spec["shape"]]
-    wide_ok = spec["layout"] == "contiguous" and shape["C"] % 16 == 0 and shape["D"] % 16 == 0
+    rows_aligned = _rows_aligned(spec)
     for name in ones + table["wide"] + tuple(table["pointers"]):
         if name not in fn.arg_names:
             raise KeyError(f"{kernel}: the table names {name!r}, which is no argument of the kernel")
@@ -219,9 +258,10 @@ def signature(kernel: str, spec: Dict[str, object]):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-            if wide_ok and name in table["wide"]:
+            if rows_aligned and name in table["wide"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    unknown = set(spec) - set(sig) - {"dtype", "shape", "layout", "num_warps"}
+    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+    unknown = set(spec) - constexpr_names - {"dtype", "shape", "layout", "num_warps"}
     if unknown:
         raise KeyError(f"{kernel}: the spec sets {sorted(unknown)}, which are no constexpr arguments of the kernel")
     return sig, constexprs, attrs
@@ -238,16 +278,26 @@ def compile_spec(kernel: str, spec: Dict[str, object], arch: int = 90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
 
 
-def _try_compile(job) -> Tuple[str, Dict[str, object], Optional[str], float]:
-    """(kernel, spec, error or None, seconds): a failure is reported, not raised, so that one
-    broken variant does not hide the others."""
+def _root_cause(error: BaseException) -> str:
+    """One line for the summary. Triton wraps the real error once per inlined @jit function;
+    the innermost message is "at line:col:", a source excerpt, then the error itself."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [""]
+    message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
+    return f"{type(error).__name__}: {message}"[:240]
+
+
+def _try_compile(job):
+    """(kernel, spec, None or (short error, traceback), seconds): a failure is reported, not
+    raised, so that one broken variant does not hide the others."""
     kernel, spec, arch = job
     start = time.perf_counter()
     try:
         compile_spec(kernel, spec, arch)
         error = None
-    except Exception:
-        error = traceback.format_exc()
+    except Exception as e:
+        error = (_root_cause(e), traceback.format_exc())
     return kernel, spec, error, time.perf_counter() - start
 
 
@@ -265,8 +315,14 @@ def main(argv=None) -> int:
         print("error: TRITON_INTERPRET=1 is set; unset it to compile the kernels (no GPU is needed)", file=sys.stderr)
         return 2
 
+    # Triton reads it at each compile; the workers inherit it.
+    cache = tempfile.TemporaryDirectory(prefix="tome_compile_check_")
+    os.environ["TRITON_CACHE_DIR"] = cache.name
+
     specs = all_specs()
-    jobs = [(kernel, spec, args.arch) for kernel, spec in specs]
+    # The slowest compiles first, so that the workers finish together.
+    slow_first = sorted(specs, key=lambda ks: (ks[0] not in ("one_pass_kernel", "match_kernel"), ks[1]["shape"].startswith("tiny")))
+    jobs = [(kernel, spec, args.arch) for kernel, spec in slow_first]
     start = time.perf_counter()
     if args.jobs <= 1:
         results = map(_try_compile, jobs)
@@ -276,16 +332,21 @@ def main(argv=None) -> int:
         # inheriting a forked copy of a process that may hold threads and compiler state.
         pool = multiprocessing.get_context("spawn").Pool(args.jobs)
         results = pool.imap_unordered(_try_compile, jobs)
-    failures = []
+    failures, shown = [], set()
     for kernel, spec, error, seconds in results:
         if error is None:
             print(f"ok {kernel} {describe(spec)} ({seconds:.1f}s)", flush=True)
-        else:
-            print(f"FAILED {kernel} {describe(spec)}\n{error}", flush=True)
-            failures.append((kernel, spec, error))
+            continue
+        failures.append((kernel, spec, error[0]))
+        print(f"FAILED {kernel} {describe(spec)}: {error[0]}", flush=True)
+        # The full traceback once per distinct error, not once per variant it breaks.
+        if (kernel, error[0]) not in shown:
+            shown.add((kernel, error[0]))
+            print(error[1], flush=True)
     if pool is not None:
         pool.close()
         pool.join()
+    cache.cleanup()
 
     kernels = sorted({kernel for kernel, _ in specs})
     print(
@@ -293,7 +354,7 @@ def main(argv=None) -> int:
         f"for sm_{args.arch} in {time.perf_counter() - start:.1f}s"
     )
     for kernel, spec, error in failures:
-        print(f"FAILED {kernel} {describe(spec)}: {error.strip().splitlines()[-1]}")
+        print(f"FAILED {kernel} {describe(spec)}: {error}")
     return 1 if failures else 0
 
 
