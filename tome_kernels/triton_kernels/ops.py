@@ -13,9 +13,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..reference import MERGE_MODES
 from . import launch
 
-_MODES = ("sum", "mean", "amax", "amin")
+_MODES = MERGE_MODES
 
 
 def _index(t: Tensor, *shape: int) -> Tensor:
