@@ -47,6 +47,13 @@ def _merge_blocks(channels: int) -> Tuple[int, int]:
     return max(1, min(16, 2048 // block_c)), block_c
 
 
+def _row_tiles(batch: int, rows: int, channels: int):
+    """Grid, tiles per batch row and launch options of the kernels over (rows, channels)."""
+    block_r, block_c = _merge_blocks(channels)
+    tiles = triton.cdiv(rows, block_r)
+    return (batch * tiles,), tiles, dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+
+
 def _size_args(size: Optional[Tensor], fallback: Tensor):
     if size is None:
         return fallback, 0, 0
@@ -154,11 +161,10 @@ def merge(
         out = (torch.empty(B, n_out, C, dtype=x.dtype, device=x.device), size_out)
     if B == 0:
         return out
-    block_r, block_c = _merge_blocks(C)
-    tiles = triton.cdiv(n_out, block_r)
-    merge_kernel[(B * tiles,)](
+    grid, tiles, options = _row_tiles(B, n_out, C)
+    merge_kernel[grid](
         x, *x.stride(), *_size_args(size, x), *out, members, row_start, N, n_out, C, tiles,
-        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, **options,
     )
     return out
 
@@ -175,13 +181,12 @@ def merge_wavg_backward(
     grad_size = torch.empty((B, N, 1) if size_grad else (0,), dtype=size.dtype if size_grad else torch.float32, device=x.device)
     if B == 0:
         return grad_x, grad_size
-    block_r, block_c = _merge_blocks(C)
-    tiles = triton.cdiv(n_out, block_r)
-    merge_wavg_bwd_kernel[(B * tiles,)](
+    grid, tiles, options = _row_tiles(B, n_out, C)
+    merge_wavg_bwd_kernel[grid](
         grad_out, *grad_out.stride(), grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
         x, *x.stride(), *_size_args(size, x), grad_x, grad_size if size_grad else grad_x,
         members, row_start, N, n_out, C, tiles,
-        HAS_SIZE=size is not None, SIZE_GRAD=size_grad, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        HAS_SIZE=size is not None, SIZE_GRAD=size_grad, **options,
     )
     return grad_x, grad_size
 
@@ -193,11 +198,10 @@ def merge_backward(grad_out: Tensor, x: Tensor, y: Tensor, members: Tensor, row_
     grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
     if B == 0:
         return grad_x
-    block_r, block_c = _merge_blocks(C)
-    tiles = triton.cdiv(n_out, block_r)
-    merge_bwd_kernel[(B * tiles,)](
+    grid, tiles, options = _row_tiles(B, n_out, C)
+    merge_bwd_kernel[grid](
         grad_out, *grad_out.stride(), x, *x.stride(), y.contiguous(), grad_x, members, row_start, N, n_out, C, tiles,
-        MODE=MODE_IDS[mode], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        MODE=MODE_IDS[mode], **options,
     )
     return grad_x
 
@@ -209,9 +213,6 @@ def unmerge(y: Tensor, token_map: Tensor) -> Tensor:
     out = torch.empty(B, N, C, dtype=y.dtype, device=y.device)
     if B == 0:
         return out
-    block_r, block_c = _merge_blocks(C)
-    tiles = triton.cdiv(N, block_r)
-    unmerge_kernel[(B * tiles,)](
-        y, *y.stride(), token_map.contiguous(), out, N, n_out, C, tiles, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4
-    )
+    grid, tiles, options = _row_tiles(B, N, C)
+    unmerge_kernel[grid](y, *y.stride(), token_map.contiguous(), out, N, n_out, C, tiles, **options)
     return out

@@ -29,6 +29,15 @@ def _b_rows(o_j, n_unm, DISTILL: tl.constexpr):
 
 
 @triton.jit
+def _a_block(p_rank, p_dst, o_i, r, Na):
+    """Rank and destination of A tokens ``o_i``, and which are sources and which are kept."""
+    m_i = o_i < Na
+    rank = tl.load(p_rank + o_i, mask=m_i, other=0)
+    dst = tl.load(p_dst + o_i, mask=m_i, other=0)
+    return m_i, rank, dst, m_i & (rank < r), m_i & (rank >= r)
+
+
+@triton.jit
 def layout_row(
     scratch_ptr, scratch_stride,
     src_idx_ptr, dst_idx_ptr, unm_idx_ptr, token_map_ptr, members_ptr, row_start_ptr,
@@ -54,11 +63,7 @@ def layout_row(
     kept_before = tl.zeros((), tl.int32)
     for i0 in range(0, Na, BLOCK):
         o_i = i0 + ar
-        m_i = o_i < Na
-        rank = tl.load(p_rank + o_i, mask=m_i, other=0)
-        dst = tl.load(p_dst + o_i, mask=m_i, other=0)
-        src = m_i & (rank < r)
-        kept = m_i & (rank >= r)
+        m_i, rank, dst, src, kept = _a_block(p_rank, p_dst, o_i, r, Na)
         same = src[:, None] & src[None, :] & (dst[:, None] == dst[None, :])
         slot = tl.load(p_cnt + dst, mask=src, other=0)
         slot += tl.sum((same & (ar[None, :] < ar[:, None])).to(tl.int32), axis=1)
@@ -106,12 +111,8 @@ def layout_row(
     # Pass 3, A tokens: sources join their destination's group, kept tokens get a row.
     for i0 in range(0, Na, BLOCK):
         o_i = i0 + ar
-        m_i = o_i < Na
-        rank = tl.load(p_rank + o_i, mask=m_i, other=0)
-        dst = tl.load(p_dst + o_i, mask=m_i, other=0)
+        m_i, rank, dst, src, kept = _a_block(p_rank, p_dst, o_i, r, Na)
         pos = tl.load(p_pos + o_i, mask=m_i, other=0)
-        src = m_i & (rank < r)
-        kept = m_i & (rank >= r)
         group_start = tl.load(p_cnt + dst, mask=src, other=0)
         kept_row = pos
         kept_start = pos
