@@ -8,10 +8,16 @@ from .api import bipartite_match, bipartite_merge
 from .backends import ENV_VAR, BackendFallbackWarning, BackendStatus, available_backends, register_backend
 from .plan import MergePlan
 from .reference import MERGE_MODES
+from .native_backend import NativeBackend
 from .triton_backend import TritonBackend
 
-# Preference order of "auto": triton, then the reference.
+# Preference order of "auto": each backend runs only some inputs, and the first that can
+# run them wins. CPU tensors: the "cpu" extension, else the reference. CUDA tensors:
+# "triton", then the "cuda" extension; that order is provisional until the GPU benchmarks
+# (benchmarks/run.py) have measured both (README, "Choosing a backend").
+register_backend(NativeBackend("cpu"))
 register_backend(TritonBackend())
+register_backend(NativeBackend("cuda"))
 
 __version__ = "0.1.0"
 

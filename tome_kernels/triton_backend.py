@@ -8,14 +8,12 @@ without a GPU.
 """
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .backends import Backend
-from .reference import MatchResult
+from .grouped_backend import GroupedBackend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -24,7 +22,7 @@ def _interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class TritonBackend(Backend):
+class TritonBackend(GroupedBackend):
     name = "triton"
 
     def __init__(self):
@@ -71,56 +69,12 @@ class TritonBackend(Backend):
     def expected_for(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
-    def _use_one_pass(self, num_tokens: int) -> bool:
-        return self._launch.use_one_pass(num_tokens)
+    def _match_op(self, metric, r, class_token, distill_token):
+        return self._ops.match(metric, r, class_token, distill_token, self._launch.use_one_pass(metric.shape[-2]))
 
-    def match(self, metric: Tensor, r: int, class_token: bool, distill_token: bool) -> MatchResult:
-        self._load()
-        n = metric.shape[-2]
-        r = reference.clamp_r(r, n, class_token, distill_token)
-        if r == 0:
-            return reference.identity_match(metric, class_token, distill_token)
-        src, dst, unm, token_map, members, row_start = self._ops.match(
-            metric, r, class_token, distill_token, self._use_one_pass(n)
-        )
-        return MatchResult(r, src, dst, unm, token_map, class_token, distill_token, (members, row_start))
+    def _bipartite_merge_op(self, x, metric, size, r, class_token, distill_token):
+        one_pass = self._launch.use_one_pass(metric.shape[-2])
+        return self._ops.bipartite_merge(x, metric, size, r, class_token, distill_token, one_pass)
 
-    def _groups(self, plan: MatchResult) -> Tuple[Tensor, Tensor]:
-        """The plan's groups; for a plan another backend made, derived from its token map
-        (members sorted by output row, in token order within a row)."""
-        if plan.groups is not None:
-            return plan.groups
-        token_map = plan.token_map
-        members = torch.argsort(token_map, dim=1, stable=True)
-        rows = torch.arange(token_map.shape[1] - plan.r + 1, device=token_map.device)
-        row_start = torch.searchsorted(token_map.gather(1, members), rows.expand(token_map.shape[0], -1).contiguous())
-        return members.to(torch.int32), row_start.to(torch.int32)
-
-    def merge_wavg(self, plan: MatchResult, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        if plan.r == 0:
-            return reference.merge_wavg(plan, x, size)
-        self._load()
-        return self._ops.merge_wavg(x, size, *self._groups(plan))
-
-    def merge(self, plan: MatchResult, x: Tensor, mode: str) -> Tensor:
-        if plan.r == 0:
-            return reference.merge(plan, x, mode)
-        self._load()
-        return self._ops.merge(x, *self._groups(plan), mode)
-
-    def unmerge(self, plan: MatchResult, y: Tensor) -> Tensor:
-        if plan.r == 0:
-            return reference.unmerge(plan, y)
-        self._load()
-        return self._ops.unmerge(y, plan.token_map, *self._groups(plan))
-
-    def bipartite_merge(self, x, metric, r, size, class_token, distill_token) -> Tuple[Tensor, Tensor]:
-        n = metric.shape[-2]
-        r = reference.clamp_r(r, n, class_token, distill_token)
-        if r == 0:
-            return reference.bipartite_merge(x, metric, 0, size, class_token, distill_token)
-        self._load()
-        x_out, size_out, _, _ = self._ops.bipartite_merge(
-            x, metric, size, r, class_token, distill_token, self._use_one_pass(n)
-        )
-        return x_out, size_out
+    def _merge_ops(self):
+        return self._ops

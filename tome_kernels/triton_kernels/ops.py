@@ -2,10 +2,10 @@
 registered autograd, so that ``torch.compile(fullgraph=True)`` traces through them and
 ``torch.library.opcheck`` passes.
 
-Each operator takes an already clamped ``r > 0`` and the groups (``members``,
-``row_start``, see ``layout.py``) that the matching produced; ``r = 0`` ("no merge", whose
+Each operator takes an already clamped ``r > 0`` and the groups (``members``, ``row_start``,
+see ``layout.py``) that the matching produced; ``r = 0`` ("no merge", whose
 outputs are the inputs themselves) is handled by the caller, because an operator may not
-return its input.
+return its input. Autograd comes from ``merge_autograd``, shared with the native operators.
 """
 
 from typing import Optional, Tuple
@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import merge_autograd
 from ..reference import MERGE_MODES
 from . import launch
 
@@ -91,49 +92,6 @@ def _(grad_out, grad_size_out, x, size, members, row_start, size_grad):
     return x.new_empty(x.shape), x.new_empty(0, dtype=torch.float32)
 
 
-def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, size_index):
-    size_grad = size is not None and ctx.needs_input_grad[size_index]
-    # An output autograd did not need a gradient for gets zeros.
-    shape = (x.shape[0], row_start.shape[1] - 1)
-    if grad_out is None:
-        grad_out = x.new_zeros(*shape, x.shape[2])
-    if grad_size_out is None:
-        grad_size_out = x.new_zeros(*shape, 1, dtype=torch.float32)
-    grad_x, grad_size = merge_wavg_backward(grad_out, grad_size_out, x, size, members, row_start, size_grad)
-    return grad_x, (grad_size if size_grad else None)
-
-
-def _setup_bipartite_merge(ctx, inputs, output):
-    x, _, size = inputs[:3]
-    ctx.save_for_backward(x, size, *output[2:])
-
-
-def _backward_bipartite_merge(ctx, grad_out, grad_size_out, _members, _row_start):
-    x, size, members, row_start = ctx.saved_tensors
-    grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, 2)
-    return grad_x, None, grad_size, None, None, None, None
-
-
-bipartite_merge.register_autograd(_backward_bipartite_merge, setup_context=_setup_bipartite_merge)
-
-
-def _setup_merge_wavg(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward_merge_wavg(ctx, grad_out, grad_size_out):
-    x, size, members, row_start = ctx.saved_tensors
-    grad_x, grad_size = _wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, 1)
-    return grad_x, grad_size, None, None
-
-
-merge_wavg.register_autograd(_backward_merge_wavg, setup_context=_setup_merge_wavg)
-
-
 @torch.library.custom_op("tome_kernels::triton_merge", mutates_args=())
 def merge(x: Tensor, members: Tensor, row_start: Tensor, mode: str) -> Tensor:
     """Each group reduced by ``mode``: "sum", "mean", "amax" or "amin"."""
@@ -158,20 +116,6 @@ def _(grad_out, x, out, members, row_start, mode):
     return x.new_empty(x.shape)
 
 
-def _setup_merge(ctx, inputs, output):
-    x, members, row_start, mode = inputs
-    ctx.save_for_backward(x, output, members, row_start)
-    ctx.mode = mode
-
-
-def _backward_merge(ctx, grad_out):
-    x, out, members, row_start = ctx.saved_tensors
-    return merge_backward(_zeros_if_none(grad_out, out), x, out, members, row_start, ctx.mode), None, None, None
-
-
-merge.register_autograd(_backward_merge, setup_context=_setup_merge)
-
-
 @torch.library.custom_op("tome_kernels::triton_unmerge", mutates_args=())
 def unmerge(y: Tensor, token_map: Tensor, members: Tensor, row_start: Tensor) -> Tensor:
     """(B, N, C): each input token's output row of y. The groups serve the backward."""
@@ -183,15 +127,6 @@ def _(y, token_map, members, row_start):
     return y.new_empty(y.shape[0], token_map.shape[1], y.shape[2])
 
 
-def _setup_unmerge(ctx, inputs, output):
-    _, _, members, row_start = inputs
-    ctx.save_for_backward(members, row_start)
-
-
-def _backward_unmerge(ctx, grad_out):
-    members, row_start = ctx.saved_tensors
-    # Each output row received copies of one row of y: its gradient is their sum.
-    return merge(grad_out, members, row_start, "sum"), None, None, None
-
-
-unmerge.register_autograd(_backward_unmerge, setup_context=_setup_unmerge)
+merge_autograd.register(
+    merge_autograd.MergeOps(bipartite_merge, merge_wavg, merge_wavg_backward, merge, merge_backward, unmerge)
+)

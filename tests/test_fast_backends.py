@@ -1,17 +1,23 @@
-"""The Triton backend against the reference: both paths (one-pass and multi-kernel), every
-flag, dtypes, odd and tiled shapes, non-contiguous inputs, NaN rows, gradients, the
-torch.library registration, and outputs poisoned before the kernels run.
+"""Every fast backend against the reference: the Triton backend on both paths (one-pass and
+multi-kernel), the "cpu" extension, and on a GPU the "cuda" extension. Every flag, dtypes,
+odd and tiled shapes, non-contiguous inputs, NaN rows, gradients, the torch.library
+registration, and outputs poisoned before the kernels run.
 
-In CI these run in Triton's interpreter on CPU tensors (tests/conftest.py); with
-TOME_TEST_DEVICE=cuda the same tests run on the GPU.
+In CI the Triton kernels run in Triton's interpreter on CPU tensors (tests/conftest.py)
+and the "cpu" extension is built on first use; with TOME_TEST_DEVICE=cuda the same tests run
+on the GPU for "triton" and "cuda".
 """
+
+import os
 
 import pytest
 import torch
 
 import tome_kernels
 from tome_kernels import bipartite_match, bipartite_merge, reference
-from tome_kernels.triton_kernels import launch, ops
+from tome_kernels.backends import cannot_run_reasons
+from tome_kernels.triton_kernels import launch
+from tome_kernels.triton_kernels import ops as triton_ops
 
 NAN = float("nan")
 
@@ -19,16 +25,12 @@ NAN = float("nan")
 # (the chunked path); odd and even N; N = 2 and 3.
 SHAPES = [(2, None, 4), (3, 2, 5), (9, None, 8), (16, 3, 16), (41, None, 300), (197, 2, 24), (300, None, 8)]
 
-
-@pytest.fixture(params=["one_pass", "multi_kernel"])
-def path(request, monkeypatch):
-    """Force one path for every call in the test."""
-    monkeypatch.setattr(launch, "ONE_PASS_MAX_TOKENS", 10**9 if request.param == "one_pass" else 0)
-    return request.param
+ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
+# Test cases: the Triton backend once per path, then the native extension of the device.
+CASES = ["triton_one_pass", "triton_multi_kernel", "cuda" if ON_GPU else "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def _poison_triton_buffers(monkeypatch):
     """Every buffer launch.py allocates starts as NaN (floats) or -7 (ints), so an output
     element a kernel forgets to write fails the comparison instead of passing by luck."""
 
@@ -42,6 +44,28 @@ def poisoned_outputs(monkeypatch):
             return t.fill_(NAN if t.is_floating_point() else -7)
 
     monkeypatch.setattr(launch, "torch", PoisonedTorch())
+
+
+@pytest.fixture(params=CASES)
+def backend(request, monkeypatch, device):
+    """The backend name to ask for, with its outputs poisoned and, for Triton, one path
+    forced for every call in the test."""
+    case = request.param
+    if case.startswith("triton"):
+        monkeypatch.setattr(launch, "ONE_PASS_MAX_TOKENS", 10**9 if case == "triton_one_pass" else 0)
+        _poison_triton_buffers(monkeypatch)
+        yield "triton"
+        return
+    # A native backend that cannot load fails here: a build error is a defect, not a skip.
+    reasons = cannot_run_reasons(case, [torch.zeros(1, device=device)])
+    assert not reasons, reasons
+    # PyTorch fills every new tensor with NaN (integers: their maximum) in this mode, the
+    # ones the C++ kernels allocate included.
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield case
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def make(shape, batch, dtype, device, seed=0):
@@ -62,16 +86,16 @@ def assert_same_plan(plan, expected):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True), (False, True)])
-def test_float32_matches_reference(path, device, shape, class_token, distill_token):
+def test_float32_matches_reference(backend, device, shape, class_token, distill_token):
     x, metric, size = make(shape, 2, torch.float32, device)
     flags = dict(class_token=class_token, distill_token=distill_token)
     r = shape[0] // 3 + 1
-    plan = bipartite_match(metric, r, **flags, backend="triton")
+    plan = bipartite_match(metric, r, **flags, backend=backend)
     expected = reference.match(metric, r, **flags)
     assert_same_plan(plan.match_result, expected)
 
     for with_size in (None, size):
-        got = bipartite_merge(x, metric, r, with_size, **flags, backend="triton")
+        got = bipartite_merge(x, metric, r, with_size, **flags, backend=backend)
         want = reference.merge_wavg(expected, x, with_size)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(plan.merge_wavg(x, with_size), want, rtol=1e-5, atol=1e-6)
@@ -82,16 +106,16 @@ def test_float32_matches_reference(path, device, shape, class_token, distill_tok
 
 
 @pytest.mark.parametrize("shape", [(9, None, 8), (41, 2, 40)], ids=str)
-def test_float16_within_twice_the_reference_error(path, device, shape):
+def test_float16_within_twice_the_reference_error(backend, device, shape):
     """Same decisions as the reference (which upcasts the same half inputs); merged values
     no further from a float64 computation than twice the reference's own error, plus one
     half-precision ulp at the output's scale for rounding the reference happened to dodge."""
     x, metric, size = make(shape, 3, torch.float16, device)
     r = shape[0] // 2
-    plan = bipartite_match(metric, r, class_token=True, backend="triton")
+    plan = bipartite_match(metric, r, class_token=True, backend=backend)
     expected = reference.match(metric, r, class_token=True)
     assert_same_plan(plan.match_result, expected)
-    got, got_size = bipartite_merge(x, metric, r, size, class_token=True, backend="triton")
+    got, got_size = bipartite_merge(x, metric, r, size, class_token=True, backend=backend)
     ref, _ = reference.merge_wavg(expected, x, size)
     exact, exact_size = reference.merge_wavg(expected, x.double(), size.double())
     ref_err = (ref.double() - exact).abs().max()
@@ -100,45 +124,45 @@ def test_float16_within_twice_the_reference_error(path, device, shape):
     torch.testing.assert_close(got_size.double(), exact_size, rtol=0, atol=0)
 
 
-def test_non_contiguous_inputs(path, device):
+def test_non_contiguous_inputs(backend, device):
     x, metric, size = make((13, 2, 8), 3, torch.float32, device)
     # Keys as attention produces them: a head-major view of a (B, N, H, Dh) tensor.
     keys = metric.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
     x_t = x.transpose(1, 2).contiguous().transpose(1, 2)
     size_t = torch.cat([size, size], dim=-1)[..., :1]
     assert not (keys.is_contiguous() or x_t.is_contiguous() or size_t.is_contiguous())
-    got = bipartite_merge(x_t, keys, 5, size_t, class_token=True, backend="triton")
+    got = bipartite_merge(x_t, keys, 5, size_t, class_token=True, backend=backend)
     torch.testing.assert_close(got, reference.bipartite_merge(x, metric, 5, size, class_token=True))
 
 
-def test_nan_rows_and_clamped_r(path, device):
+def test_nan_rows_and_clamped_r(backend, device):
     x, metric, size = make((11, None, 4), 2, torch.float32, device)
     metric[0, 3] = NAN
     metric[1, ::2] = NAN  # every A token's row: all scores NaN
-    got = bipartite_match(metric, 100, distill_token=True, backend="triton")
+    got = bipartite_match(metric, 100, distill_token=True, backend=backend)
     expected = reference.match(metric, 100, distill_token=True)
     assert got.r == expected.r == 5
     assert_same_plan(got.match_result, expected)
 
 
-def test_no_merge_and_empty_batch(device):
+def test_no_merge_and_empty_batch(backend, device):
     x, metric, size = make((7, None, 4), 2, torch.float32, device)
-    x_out, size_out = bipartite_merge(x, metric, 0, backend="triton")
+    x_out, size_out = bipartite_merge(x, metric, 0, backend=backend)
     assert x_out is x and torch.equal(size_out, torch.ones(2, 7, 1, device=device))
     x0, m0, s0 = x[:0], metric[:0], size[:0]
-    x_out, size_out = bipartite_merge(x0, m0, 3, s0, backend="triton")
+    x_out, size_out = bipartite_merge(x0, m0, 3, s0, backend=backend)
     assert x_out.shape == (0, 4, 6) and size_out.shape == (0, 4, 1)
-    assert bipartite_match(m0, 3, backend="triton").token_map.shape == (0, 7)
+    assert bipartite_match(m0, 3, backend=backend).token_map.shape == (0, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_weighted_merge_gradients(path, device, dtype):
+def test_weighted_merge_gradients(backend, device, dtype):
     x, metric, size = make((15, 2, 8), 2, dtype, device)
     r = 6
     grads = []
-    for backend in ("triton", "reference"):
+    for name in (backend, "reference"):
         xs, ss = x.clone().requires_grad_(), size.clone().requires_grad_()
-        x_out, size_out = bipartite_merge(xs, metric, r, ss, class_token=True, backend=backend)
+        x_out, size_out = bipartite_merge(xs, metric, r, ss, class_token=True, backend=name)
         weights = torch.linspace(-1, 1, x_out.numel(), device=device).view_as(x_out).to(dtype)
         loss = (x_out * weights).float().sum() + (size_out * size_out).sum()
         grads.append(torch.autograd.grad(loss, (xs, ss)))
@@ -147,10 +171,10 @@ def test_weighted_merge_gradients(path, device, dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
-def test_modes_and_unmerge_gradients(device):
+def test_modes_and_unmerge_gradients(backend, device):
     x, metric, _ = make((15, None, 8), 2, torch.float32, device)
     x = x.round()  # repeated values: amax / amin must share the gradient between ties
-    plan = bipartite_match(metric, 7, backend="triton")
+    plan = bipartite_match(metric, 7, backend=backend)
     for mode in tome_kernels.MERGE_MODES:
         xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
         got = torch.autograd.grad((plan.merge(xs, mode) ** 2).sum(), xs)[0]
@@ -162,28 +186,33 @@ def test_modes_and_unmerge_gradients(device):
     torch.testing.assert_close(got, want)
 
 
-def test_plan_from_another_backend_and_float64_fall_back(device):
-    """The Triton backend can apply a plan it did not make (groups from the token map), and a
-    Triton plan applied to float64 tensors runs them in the reference."""
+def test_plan_from_the_reference_and_float64(backend, device):
+    """A backend can apply a plan it did not make (groups from the token map); float64
+    tensors run in the reference when the backend does not compute float64 (Triton)."""
     x, metric, size = make((12, None, 4), 2, torch.float32, device)
     expected = reference.match(metric, 5, class_token=True)
-    backend = tome_kernels.backends._REGISTRY["triton"]
-    torch.testing.assert_close(backend.merge_wavg(expected, x, size), reference.merge_wavg(expected, x, size))
-    plan = bipartite_match(metric, 5, class_token=True, backend="triton")
+    chosen = tome_kernels.backends._REGISTRY[backend]
+    torch.testing.assert_close(chosen.merge_wavg(expected, x, size), reference.merge_wavg(expected, x, size))
+    plan = bipartite_match(metric, 5, class_token=True, backend=backend)
     x64 = x.double()
     assert plan.merge_wavg(x64)[0].dtype == torch.float64
     torch.testing.assert_close(plan.merge_wavg(x64), reference.merge_wavg(expected, x64))
 
 
-def op_samples(device):
+def op_samples(backend, device):
+    """(operator, arguments) for torch.library.opcheck: every operator of the backend."""
     x, metric, size = make((9, 2, 8), 2, torch.float32, device)
-    src, dst, unm, token_map, members, row_start = ops.match(metric, 3, True, False, False)
+    if backend == "triton":
+        ops, path = triton_ops, (False,)
+    else:
+        ops, path = torch.ops.tome_native, ()
+    src, dst, unm, token_map, members, row_start = ops.match(metric, 3, True, False, *path)
     grad_out = torch.randn(2, 6, 6, device=device)
     # The differentiable ops get inputs that require grad, so opcheck tests their autograd.
     xg, sizeg = x.clone().requires_grad_(), size.clone().requires_grad_()
     return [
-        (ops.match, (metric, 3, True, False, True)),
-        (ops.bipartite_merge, (xg, metric, sizeg, 3, True, False, False)),
+        (ops.match, (metric, 3, True, False, *path)),
+        (ops.bipartite_merge, (xg, metric, sizeg, 3, True, False, *path)),
         (ops.merge_wavg, (xg, sizeg, members, row_start)),
         (ops.merge_wavg, (xg, None, members, row_start)),
         (ops.merge_wavg_backward, (grad_out, grad_out[..., :1], x, size, members, row_start, True)),
@@ -194,16 +223,18 @@ def op_samples(device):
 
 
 @pytest.mark.parametrize("case", range(8))
-def test_opcheck(device, case):
-    op, args = op_samples(device)[case]
+def test_opcheck(backend, device, case):
+    op, args = op_samples(backend, device)[case]
+    if backend != "triton":
+        op = op.default
     torch.library.opcheck(op, args)
 
 
-def test_compiles_without_graph_breaks(device):
+def test_compiles_without_graph_breaks(backend, device):
     x, metric, size = make((17, 2, 8), 2, torch.float32, device)
 
     def step(x, metric, size):
-        x_out, size_out = bipartite_merge(x, metric, 5, size, class_token=True, backend="triton")
+        x_out, size_out = bipartite_merge(x, metric, 5, size, class_token=True, backend=backend)
         return x_out * size_out
 
     # aot_eager traces the graph and the backward exactly as inductor would see them,

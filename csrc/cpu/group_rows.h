@@ -1,0 +1,211 @@
+// Row kernels of the CPU merge: each reduces (or differentiates) the group of one output
+// row, members[row_start[o] : row_start[o + 1]] (see csrc/ops.cpp), over all C channels.
+//
+// A row is written by exactly one call in a fixed member order, so results are identical
+// run after run whatever the thread count. Accumulation is in acc_t (float32, or float64
+// for float64 inputs or sizes, as the reference promotes). The channel loops are written
+// over a contiguous accumulator and, when x's channel stride is 1 (kContig), over
+// contiguous rows, so that the compiler vectorises them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace tome_cpu {
+
+enum class Mode { kWavg, kSum, kMean, kAmax, kAmin };
+
+// One batch row of a (B, N, C) tensor with arbitrary strides, in elements.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t token_stride;
+  int64_t channel_stride;
+
+  const scalar_t* row(int64_t token) const { return data + token * token_stride; }
+};
+
+// The groups of one batch row.
+struct Groups {
+  const int32_t* members;
+  const int32_t* row_start;
+
+  const int32_t* begin(int64_t o) const { return members + row_start[o]; }
+  int64_t count(int64_t o) const { return row_start[o + 1] - row_start[o]; }
+  // A kept A token (even position) alone: its row is an exact copy, as in the reference.
+  bool is_copy(int64_t o) const { return count(o) == 1 && *begin(o) % 2 == 0; }
+};
+
+template <bool kContig, typename scalar_t>
+inline scalar_t load(const scalar_t* row, int64_t c, int64_t channel_stride) {
+  return kContig ? row[c] : row[c * channel_stride];
+}
+
+// size of token t (ones when no size was given).
+template <typename acc_t>
+inline acc_t token_size(const acc_t* size, int32_t t) {
+  return size ? size[t] : acc_t(1);
+}
+
+// out_row = reduction of x over row o's group; with kWavg also *size_out = sum of sizes.
+// buf: C accumulators.
+template <Mode kMode, bool kContig, typename scalar_t, typename acc_t>
+void merge_row(const Rows<scalar_t>& x, const acc_t* size, const Groups& groups, int64_t o, int64_t C,
+               scalar_t* out_row, acc_t* size_out, acc_t* buf) {
+  const int32_t* member = groups.begin(o);
+  const int64_t count = groups.count(o);
+  const int64_t sc = x.channel_stride;
+  if (groups.is_copy(o)) {
+    const scalar_t* x0 = x.row(member[0]);
+    for (int64_t c = 0; c < C; ++c) out_row[c] = load<kContig>(x0, c, sc);
+    if (kMode == Mode::kWavg) *size_out = token_size(size, member[0]);
+    return;
+  }
+  acc_t total = 0;
+  const acc_t w0 = kMode == Mode::kWavg ? token_size(size, member[0]) : acc_t(1);
+  const scalar_t* x0 = x.row(member[0]);
+  for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(load<kContig>(x0, c, sc)) * w0;
+  total += w0;
+  for (int64_t k = 1; k < count; ++k) {
+    const scalar_t* xk = x.row(member[k]);
+    if (kMode == Mode::kWavg) {
+      const acc_t w = token_size(size, member[k]);
+      total += w;
+      for (int64_t c = 0; c < C; ++c) buf[c] += static_cast<acc_t>(load<kContig>(xk, c, sc)) * w;
+    } else if (kMode == Mode::kSum || kMode == Mode::kMean) {
+      for (int64_t c = 0; c < C; ++c) buf[c] += static_cast<acc_t>(load<kContig>(xk, c, sc));
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(load<kContig>(xk, c, sc));
+        // NaN propagates (as scatter_reduce does): a NaN candidate wins, a NaN result stays.
+        const bool take = kMode == Mode::kAmax ? v > buf[c] : v < buf[c];
+        buf[c] = (take || std::isnan(v)) ? v : buf[c];
+      }
+    }
+  }
+  if (kMode == Mode::kWavg) {
+    for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(buf[c] / total);
+    *size_out = total;
+  } else if (kMode == Mode::kMean) {
+    const acc_t n = static_cast<acc_t>(count);
+    for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(buf[c] / n);
+  } else {
+    // Sums round once to x's dtype; max and min are exact in any dtype.
+    for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(buf[c]);
+  }
+}
+
+// Gradients of the weighted merge for row o's group. With y = sum_k x_k s_k / S over the
+// group and S = sum_k s_k: dx_k = (gy / S) s_k and
+// ds_k = (<gy, x_k> - <gy, y>) / S + gsize, where gsize is the gradient of size_out[o].
+// A copied row passes gy and gsize through. gx is (N, C) contiguous for this batch row;
+// gs (N) is written only when non-null. buf: C accumulators.
+template <bool kContig, typename scalar_t, typename acc_t>
+void merge_wavg_backward_row(const Rows<scalar_t>& gy_rows, acc_t gsize, const Rows<scalar_t>& x, const acc_t* size,
+                             const Groups& groups, int64_t o, int64_t C, scalar_t* gx, acc_t* gs, acc_t* buf) {
+  const int32_t* member = groups.begin(o);
+  const int64_t count = groups.count(o);
+  const scalar_t* gy = gy_rows.row(o);
+  const int64_t sg = gy_rows.channel_stride;
+  if (groups.is_copy(o)) {
+    scalar_t* gx_row = gx + member[0] * C;
+    for (int64_t c = 0; c < C; ++c) gx_row[c] = load<kContig>(gy, c, sg);
+    if (gs) gs[member[0]] = gsize;
+    return;
+  }
+  acc_t total = 0;
+  for (int64_t k = 0; k < count; ++k) total += token_size(size, member[k]);
+  acc_t gy_dot_y = 0;
+  if (gs) {
+    // <gy, y> with y recomputed from the group in acc_t (the forward never stored it).
+    for (int64_t c = 0; c < C; ++c) buf[c] = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      const scalar_t* xk = x.row(member[k]);
+      const acc_t w = token_size(size, member[k]);
+      for (int64_t c = 0; c < C; ++c) buf[c] += static_cast<acc_t>(load<kContig>(xk, c, x.channel_stride)) * w;
+    }
+    for (int64_t c = 0; c < C; ++c) gy_dot_y += static_cast<acc_t>(load<kContig>(gy, c, sg)) * buf[c];
+    gy_dot_y /= total;
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    const acc_t w = token_size(size, member[k]);
+    scalar_t* gx_row = gx + member[k] * C;
+    for (int64_t c = 0; c < C; ++c) gx_row[c] = static_cast<scalar_t>(static_cast<acc_t>(load<kContig>(gy, c, sg)) / total * w);
+    if (gs) {
+      const scalar_t* xk = x.row(member[k]);
+      acc_t gy_dot_x = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        gy_dot_x += static_cast<acc_t>(load<kContig>(gy, c, sg)) * static_cast<acc_t>(load<kContig>(xk, c, x.channel_stride));
+      }
+      gs[member[k]] = (gy_dot_x - gy_dot_y) / total + gsize;
+    }
+  }
+}
+
+// Gradient of the unweighted modes for row o's group into contiguous gx (N, C): sum passes
+// gy to every member, mean gy / count; amax and amin share gy evenly between the members
+// equal to the result y (as PyTorch's scatter_reduce does). ties: C accumulators.
+template <Mode kMode, bool kContig, typename scalar_t, typename acc_t>
+void merge_backward_row(const Rows<scalar_t>& gy_rows, const Rows<scalar_t>& x, const scalar_t* y_row,
+                        const Groups& groups, int64_t o, int64_t C, scalar_t* gx, acc_t* ties) {
+  const int32_t* member = groups.begin(o);
+  const int64_t count = groups.count(o);
+  const scalar_t* gy = gy_rows.row(o);
+  const int64_t sg = gy_rows.channel_stride, sx = x.channel_stride;
+  if (groups.is_copy(o) || kMode == Mode::kSum || kMode == Mode::kMean) {
+    for (int64_t k = 0; k < count; ++k) {
+      scalar_t* gx_row = gx + member[k] * C;
+      if (kMode == Mode::kMean && count > 1) {
+        const acc_t n = static_cast<acc_t>(count);
+        for (int64_t c = 0; c < C; ++c) gx_row[c] = static_cast<scalar_t>(static_cast<acc_t>(load<kContig>(gy, c, sg)) / n);
+      } else {
+        for (int64_t c = 0; c < C; ++c) gx_row[c] = load<kContig>(gy, c, sg);
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) ties[c] = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const scalar_t* xk = x.row(member[k]);
+    for (int64_t c = 0; c < C; ++c) ties[c] += static_cast<acc_t>(load<kContig>(xk, c, sx) == y_row[c]);
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    const scalar_t* xk = x.row(member[k]);
+    scalar_t* gx_row = gx + member[k] * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const bool hit = load<kContig>(xk, c, sx) == y_row[c];
+      gx_row[c] = hit ? static_cast<scalar_t>(static_cast<acc_t>(load<kContig>(gy, c, sg)) / ties[c]) : scalar_t(0);
+    }
+  }
+}
+
+// merge_row over output rows [o0, o1) of one batch row; out is that batch row of the
+// contiguous (n_out, C) output and size_out of its (n_out) sizes (kWavg only).
+template <Mode kMode, typename scalar_t, typename acc_t>
+void merge_rows_mode(const Rows<scalar_t>& x, const acc_t* size, const Groups& groups, int64_t o0, int64_t o1, int64_t C,
+                     scalar_t* out, acc_t* size_out) {
+  std::vector<acc_t> buf(C);
+  for (int64_t o = o0; o < o1; ++o) {
+    acc_t* size_o = size_out ? size_out + o : nullptr;
+    if (x.channel_stride == 1) {
+      merge_row<kMode, true>(x, size, groups, o, C, out + o * C, size_o, buf.data());
+    } else {
+      merge_row<kMode, false>(x, size, groups, o, C, out + o * C, size_o, buf.data());
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void merge_rows(Mode mode, const Rows<scalar_t>& x, const acc_t* size, const Groups& groups, int64_t o0, int64_t o1,
+                int64_t C, scalar_t* out, acc_t* size_out) {
+  switch (mode) {
+    case Mode::kWavg: return merge_rows_mode<Mode::kWavg>(x, size, groups, o0, o1, C, out, size_out);
+    case Mode::kSum: return merge_rows_mode<Mode::kSum>(x, size, groups, o0, o1, C, out, size_out);
+    case Mode::kMean: return merge_rows_mode<Mode::kMean>(x, size, groups, o0, o1, C, out, size_out);
+    case Mode::kAmax: return merge_rows_mode<Mode::kAmax>(x, size, groups, o0, o1, C, out, size_out);
+    case Mode::kAmin: return merge_rows_mode<Mode::kAmin>(x, size, groups, o0, o1, C, out, size_out);
+  }
+}
+
+}  // namespace tome_cpu
