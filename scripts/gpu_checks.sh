@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with a GPU: the test suite on the device (full shapes, bfloat16, CUDA graphs,
-# inductor), compute-sanitizer's memcheck over every Triton operator, then the benchmarks
+# inductor), compute-sanitizer's memcheck over every Triton and CUDA operator, then the benchmarks
 # (results saved under benchmarks/results/). Extra arguments go to the benchmark runner.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"

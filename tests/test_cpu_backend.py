@@ -115,3 +115,9 @@ def test_operators_check_their_arguments(call, message):
     groups = bipartite_match(keys, 3, backend="cpu").match_result.groups
     with pytest.raises(RuntimeError, match=message):
         call(keys, x, groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_auto_takes_the_cpu_extension_for_cpu_tensors(dtype):
+    _, keys, _ = make(2, 9, dtype)
+    assert bipartite_match(keys, 3).backend == "cpu"

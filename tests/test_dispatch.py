@@ -9,14 +9,20 @@ import tome_kernels
 from tome_kernels import BackendFallbackWarning, available_backends, bipartite_match, bipartite_merge, reference
 from tome_kernels import backends
 from tome_kernels.backends import ENV_VAR, Backend, register_backend
+from tome_kernels.native_backend import NativeBackend
 from tome_kernels.triton_backend import TritonBackend
+
+# The registry as the package left it (the fixture below empties it for each test).
+REGISTERED_AT_IMPORT = list(backends._REGISTRY)
 
 
 @pytest.fixture(autouse=True)
 def _stand_ins_only(_isolated_backend_state):
-    """The stand-in backends below are tested ahead of the reference alone; the Triton
-    backend (which the interpreter lets run CPU tensors here) would take their inputs."""
-    backends._REGISTRY.pop("triton", None)
+    """The stand-in backends below are tested ahead of the reference alone: the real fast
+    backends ("cpu", and "triton", which the interpreter lets run CPU tensors here) would
+    take their inputs."""
+    for name in [n for n in backends._REGISTRY if n != "reference"]:
+        backends._REGISTRY.pop(name)
 
 
 class BrokenBackend(Backend):
@@ -115,7 +121,12 @@ def test_plan_reports_its_backend():
     assert "backend='reference'" in repr(plan)
 
 
-def test_triton_is_registered_first_for_auto(monkeypatch):
+def test_registered_order_for_auto():
+    """CPU tensors go to the "cpu" extension, CUDA tensors to "triton", then "cuda"."""
+    assert REGISTERED_AT_IMPORT == ["cpu", "triton", "cuda", "reference"]
+
+
+def test_triton_takes_cpu_tensors_only_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(backends, "_REGISTRY", {"triton": TritonBackend(), **backends._REGISTRY})
     assert list(available_backends()) == ["triton", "reference"]
     # Under the interpreter (tests/conftest.py) it takes float32 CPU inputs; float64 it
@@ -140,3 +151,23 @@ def test_triton_without_interpreter_refuses_cpu_tensors_without_loading(monkeypa
 def test_package_exports():
     for name in ["bipartite_merge", "bipartite_match", "MergePlan", "available_backends"]:
         assert hasattr(tome_kernels, name)
+
+
+def test_native_backends_say_why_they_cannot_run_without_building():
+    cpu, cuda = NativeBackend("cpu"), NativeBackend("cuda")
+    assert cpu.unsupported_reasons([torch.zeros(1, device="meta")]) == ["it runs CPU tensors, not meta tensors"]
+    assert cuda.unsupported_reasons([torch.zeros(1)]) == ["it runs CUDA tensors, not cpu tensors"]
+    assert cuda.unsupported_reasons([torch.zeros(1, dtype=torch.float64, device="meta")]) == [
+        "it runs CUDA tensors, not meta tensors"
+    ]
+    assert not cpu._loaded and cpu._error is None and not cuda._loaded and cuda._error is None
+    assert cpu.expected_for(torch.device("cpu")) and cuda.expected_for(torch.device("cuda"))
+    assert not cpu.expected_for(torch.device("cuda"))
+    with pytest.raises(ValueError, match="device_type must be 'cpu' or 'cuda'"):
+        NativeBackend("mps")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks a torch without CUDA")
+def test_cuda_backend_reports_a_torch_without_cuda():
+    reason = NativeBackend("cuda").load_error()
+    assert reason is not None and "CUDA" in reason

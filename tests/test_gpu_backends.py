@@ -1,8 +1,8 @@
-"""Checks of the Triton backend that only a GPU can make (TOME_TEST_DEVICE=cuda): the full
-benchmark shapes in every dtype, CUDA graph capture and replay, torch.compile with
-inductor, and bitwise-identical repeated runs. Without a GPU these are skipped (reported
-as skipped, never as passed); the interpreter suite (test_triton_backend.py) covers the
-same kernels at small shapes.
+"""Checks of the GPU backends ("triton" and the "cuda" extension) that only a GPU can make
+(TOME_TEST_DEVICE=cuda): the full benchmark shapes in every dtype, CUDA graph capture and
+replay, torch.compile with inductor, and bitwise-identical repeated runs. Without a GPU
+these are skipped (reported as skipped, never as passed); test_fast_backends.py covers the
+same kernels at small shapes (Triton's in its interpreter here).
 """
 
 import os
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_BACKENDS = ["triton", "cuda"]
 
 
 def assert_near_optimal(metric, plan, tol):
@@ -44,13 +45,14 @@ def assert_near_optimal(metric, plan, tol):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: s.name)
-def test_full_shapes_against_reference(shape, dtype):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_full_shapes_against_reference(backend, shape, dtype):
     inputs = make_inputs(shape, CUDA, dtype)
     x, metric, size = inputs["x"], inputs["metric"], inputs["size"]
-    plan = bipartite_match(metric, shape.r, class_token=shape.class_token, backend="triton")
+    plan = bipartite_match(metric, shape.r, class_token=shape.class_token, backend=backend)
     assert_near_optimal(metric, plan, tol=1e-5 if dtype == torch.float32 else 1e-3)
     # Given the same decisions, the merge is within twice the reference's own error.
-    got = bipartite_merge(x, metric, shape.r, size, class_token=shape.class_token, backend="triton")
+    got = bipartite_merge(x, metric, shape.r, size, class_token=shape.class_token, backend=backend)
     same = plan.merge_wavg(x, size)
     exact = reference.merge_wavg(plan.match_result, x.double(), size.double())[0]
     ref_err = (reference.merge_wavg(plan.match_result, x, size)[0].double() - exact).abs().max()
@@ -61,21 +63,23 @@ def test_full_shapes_against_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES[:2] + GPU_SHAPES[-1:], ids=lambda s: s.name)
-def test_repeated_runs_bitwise_identical(shape):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_repeated_runs_bitwise_identical(backend, shape):
     inputs = make_inputs(shape, CUDA, torch.float16)
     args = (inputs["x"], inputs["metric"], shape.r, inputs["size"])
-    first = bipartite_merge(*args, class_token=shape.class_token, backend="triton")
+    first = bipartite_merge(*args, class_token=shape.class_token, backend=backend)
     for _ in range(3):
-        again = bipartite_merge(*args, class_token=shape.class_token, backend="triton")
+        again = bipartite_merge(*args, class_token=shape.class_token, backend=backend)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay(backend):
     shape = GPU_SHAPES[0]
     static = make_inputs(shape, CUDA, torch.float16)
 
     def step():
-        return bipartite_merge(static["x"], static["metric"], shape.r, static["size"], class_token=True, backend="triton")
+        return bipartite_merge(static["x"], static["metric"], shape.r, static["size"], class_token=True, backend=backend)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -90,16 +94,17 @@ def test_cuda_graph_capture_and_replay():
         static[name].copy_(fresh[name])
     graph.replay()
     torch.cuda.synchronize()
-    expected = bipartite_merge(fresh["x"], fresh["metric"], shape.r, fresh["size"], class_token=True, backend="triton")
+    expected = bipartite_merge(fresh["x"], fresh["metric"], shape.r, fresh["size"], class_token=True, backend=backend)
     assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
 
 
-def test_inductor_compiles_forward_and_backward():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_inductor_compiles_forward_and_backward(backend):
     shape = GPU_SHAPES[0]
     inputs = make_inputs(shape, CUDA, torch.float16)
 
     def step(x, metric, size):
-        x_out, size_out = bipartite_merge(x, metric, shape.r, size, class_token=True, backend="triton")
+        x_out, size_out = bipartite_merge(x, metric, shape.r, size, class_token=True, backend=backend)
         return (x_out.float() * size_out).sum()
 
     compiled = torch.compile(step, fullgraph=True)
