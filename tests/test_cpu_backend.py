@@ -1,4 +1,4 @@
-"""What only the "cpu" extension does: float64 (with gradcheck), bfloat16, both of its
+"""What only the "cpu" extension does: float64 (with gradcheck and gradgradcheck), bfloat16, both of its
 parallel schedules (whole batch rows per thread, or one row split over threads), results
 that do not depend on the thread count, and the checks of its operators' arguments.
 
@@ -41,10 +41,13 @@ def test_float64_gradcheck(class_token, distill_token):
     assert torch.autograd.gradcheck(lambda x, s: bipartite_merge(x, keys, 4, s, **flags, backend="cpu"), (xs, ss))
     assert torch.autograd.gradcheck(lambda x, s: plan.merge_wavg(x, s), (xs, ss))
     # sum and mean everywhere; amax / amin away from ties (random data has none).
+    assert torch.autograd.gradgradcheck(lambda x, s: plan.merge_wavg(x, s), (xs, ss))
     for mode in tome_kernels.MERGE_MODES:
         assert torch.autograd.gradcheck(lambda x: plan.merge(x, mode), (xs,)), mode
+        assert torch.autograd.gradgradcheck(lambda x: plan.merge(x, mode), (xs,)), mode
     y = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(plan.unmerge, (y,))
+    assert torch.autograd.gradgradcheck(plan.unmerge, (y,))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

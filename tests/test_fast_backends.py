@@ -171,6 +171,23 @@ def test_weighted_merge_gradients(backend, device, dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+def test_double_backward_matches_the_reference(backend, device):
+    """create_graph=True (a gradient penalty): the backward is itself differentiated, never
+    silently treated as a constant."""
+    x, metric, size = make((13, 2, 8), 2, torch.float32, device)
+    results = []
+    for name in (backend, "reference"):
+        xs, ss = x.clone().requires_grad_(), size.clone().requires_grad_()
+        x_out, size_out = bipartite_merge(xs, metric, 5, ss, class_token=True, backend=name)
+        plan = bipartite_match(metric, 5, class_token=True, backend=name)
+        loss = (x_out ** 2).sum() + (size_out ** 2).sum() + (plan.merge(xs, "amax") ** 2).sum()
+        gx, gs = torch.autograd.grad(loss, (xs, ss), create_graph=True)
+        results.append(torch.autograd.grad((gx ** 2).sum() + (gs ** 2).sum(), (xs, ss)))
+    for got, want in zip(*results):
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_modes_and_unmerge_gradients(backend, device):
     x, metric, _ = make((15, None, 8), 2, torch.float32, device)
     x = x.round()  # repeated values: amax / amin must share the gradient between ties

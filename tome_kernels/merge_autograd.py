@@ -3,8 +3,11 @@
 ones (``native_ops.py``).
 
 Each backend names its operators in a ``MergeOps``; ``register`` gives its forward
-operators their backward through its backward operators. The matching itself has no
-gradient (it makes indices).
+operators their backward through its backward operators. Those backward kernels are not
+themselves differentiable, so a backward that must be (``create_graph=True``, e.g. for a
+gradient penalty or ``gradgradcheck``) is computed instead by differentiating the same
+merge written in PyTorch ops (``_merge_in_torch``): slower, but exact to all orders,
+never a silent zero. The matching itself has no gradient (it makes indices).
 """
 
 from dataclasses import dataclass
@@ -12,6 +15,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from . import reference
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,39 @@ class MergeOps:
     unmerge: Any
 
 
+def _token_rows(members: Tensor, row_start: Tensor) -> Tensor:
+    """(B, N) int64: the output row of every input token (the plan's token map)."""
+    positions = torch.arange(members.shape[1], device=members.device).expand(members.shape[0], -1).contiguous()
+    rows = torch.searchsorted(row_start[:, 1:].contiguous(), positions.to(row_start.dtype), right=True)
+    return torch.empty_like(rows).scatter_(1, members.long(), rows)
+
+
+def _merge_in_torch(x: Tensor, size: Optional[Tensor], members: Tensor, row_start: Tensor, mode: str):
+    """The merge of the kernels as differentiable PyTorch ops: (x_out, size_out) for "wavg",
+    x_out for the other modes. Only for a backward that must itself be differentiable."""
+    B, _, C = x.shape
+    rows = _token_rows(members, row_start)[..., None]
+    out_shape = (B, row_start.shape[1] - 1)
+    if mode in ("amax", "amin"):
+        return x.new_zeros(*out_shape, C).scatter_reduce(1, rows.expand(-1, -1, C), x, mode, include_self=False)
+    acc = torch.promote_types(reference._accumulation_dtype(x.dtype), reference.size_dtype(size))
+    s = x.new_ones(*x.shape[:2], 1, dtype=acc) if size is None else size.to(acc)
+    total = s.new_zeros(*out_shape, 1).scatter_add(1, rows, s)
+    weighted = x.to(acc) * s if mode == "wavg" else x.to(acc)
+    num = weighted.new_zeros(*out_shape, C).scatter_add(1, rows.expand(-1, -1, C), weighted)
+    if mode == "sum":
+        return num.to(x.dtype)
+    x_out = (num / total).to(x.dtype)
+    return (x_out, total.to(reference.size_dtype(size))) if mode == "wavg" else x_out
+
+
+def _differentiable_grads(outputs, inputs, grads):
+    """Gradients of ``outputs`` for ``inputs`` (None where not needed), with their graph."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    return [next(found) if t is not None and t.requires_grad else None for t in inputs]
+
+
 def register(ops: MergeOps) -> None:
     def wavg_backward(ctx, grad_out, grad_size_out, x, size, members, row_start, size_index):
         size_grad = size is not None and ctx.needs_input_grad[size_index]
@@ -43,7 +81,11 @@ def register(ops: MergeOps) -> None:
         if grad_out is None:
             grad_out = x.new_zeros(*shape, x.shape[2])
         if grad_size_out is None:
-            grad_size_out = x.new_zeros(*shape, 1, dtype=torch.float32)
+            grad_size_out = x.new_zeros(*shape, 1, dtype=reference.size_dtype(size))
+        if torch.is_grad_enabled():  # create_graph=True: this backward must be differentiable
+            outputs = _merge_in_torch(x, size, members, row_start, "wavg")
+            grad_x, grad_size = _differentiable_grads(outputs, (x, size), (grad_out, grad_size_out))
+            return grad_x, (grad_size if size_grad else None)
         grad_x, grad_size = ops.merge_wavg_backward(grad_out, grad_size_out, x, size, members, row_start, size_grad)
         return grad_x, (grad_size if size_grad else None)
 
@@ -78,6 +120,9 @@ def register(ops: MergeOps) -> None:
         x, out, members, row_start = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
+        if torch.is_grad_enabled():  # create_graph=True: this backward must be differentiable
+            (grad_x,) = _differentiable_grads(_merge_in_torch(x, None, members, row_start, ctx.mode), (x,), (grad_out,))
+            return grad_x, None, None, None
         return ops.merge_backward(grad_out, x, out, members, row_start, ctx.mode), None, None, None
 
     torch.library.register_autograd(ops.merge, backward_merge, setup_context=setup_merge)
