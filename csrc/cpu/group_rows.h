@@ -8,9 +8,15 @@
 // contiguous rows, so that the compiler vectorises them.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace tome_cpu {
 
@@ -37,6 +43,31 @@ struct Groups {
   bool is_copy(int64_t o) const { return count(o) == 1 && *begin(o) % 2 == 0; }
 };
 
+// out[0:C] = src[0:C]. float32 rows go out with non-temporal stores where the hardware has
+// them: the output is written once and not read back soon, so fetching its cache lines
+// first (what a plain store does) would add a third stream of memory traffic to the
+// merge's two (read x, write out). Callers end with stream_fence() before the rows are read.
+template <typename scalar_t>
+inline void write_row(scalar_t* out, const scalar_t* src, int64_t C) {
+#if defined(__SSE2__)
+  if (std::is_same<scalar_t, float>::value && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    float* o = reinterpret_cast<float*>(out);
+    const float* v = reinterpret_cast<const float*>(src);
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) _mm_stream_ps(o + c, _mm_loadu_ps(v + c));
+    for (; c < C; ++c) o[c] = v[c];
+    return;
+  }
+#endif
+  std::copy(src, src + C, out);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <bool kContig, typename scalar_t>
 inline scalar_t load(const scalar_t* row, int64_t c, int64_t channel_stride) {
   return kContig ? row[c] : row[c * channel_stride];
@@ -58,7 +89,11 @@ void merge_row(const Rows<scalar_t>& x, const acc_t* size, const Groups& groups,
   const int64_t sc = x.channel_stride;
   if (groups.is_copy(o)) {
     const scalar_t* x0 = x.row(member[0]);
-    for (int64_t c = 0; c < C; ++c) out_row[c] = load<kContig>(x0, c, sc);
+    if (kContig) {
+      write_row(out_row, x0, C);
+    } else {
+      for (int64_t c = 0; c < C; ++c) out_row[c] = load<kContig>(x0, c, sc);
+    }
     if (kMode == Mode::kWavg) *size_out = token_size(size, member[0]);
     return;
   }
@@ -84,12 +119,13 @@ void merge_row(const Rows<scalar_t>& x, const acc_t* size, const Groups& groups,
       }
     }
   }
-  if (kMode == Mode::kWavg) {
-    for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(buf[c] / total);
-    *size_out = total;
-  } else if (kMode == Mode::kMean) {
-    const acc_t n = static_cast<acc_t>(count);
-    for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(buf[c] / n);
+  if (kMode == Mode::kWavg || kMode == Mode::kMean) {
+    const acc_t divisor = kMode == Mode::kWavg ? total : static_cast<acc_t>(count);
+    for (int64_t c = 0; c < C; ++c) buf[c] /= divisor;
+  }
+  if (kMode == Mode::kWavg) *size_out = total;
+  if (std::is_same<scalar_t, acc_t>::value) {
+    write_row(out_row, reinterpret_cast<const scalar_t*>(buf), C);
   } else {
     // Sums round once to x's dtype; max and min are exact in any dtype.
     for (int64_t c = 0; c < C; ++c) out_row[c] = static_cast<scalar_t>(buf[c]);
@@ -194,6 +230,7 @@ void merge_rows_mode(const Rows<scalar_t>& x, const acc_t* size, const Groups& g
       merge_row<kMode, false>(x, size, groups, o, C, out + o * C, size_o, buf.data());
     }
   }
+  stream_fence();
 }
 
 template <typename scalar_t, typename acc_t>
