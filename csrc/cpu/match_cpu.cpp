@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
         acc_t* p_size_out = size_out.data_ptr<acc_t>();
         const MergeRowsFn merge = [&](int64_t b, int64_t o0, int64_t o1) {
           merge_rows<scalar_t, acc_t>(Mode::kWavg, rows_of<scalar_t>(x, b), batch_sizes<acc_t>(sizes, b, p.N),
-                                      groups_of(out.members, out.row_start, b), o0, o1, C, p_out + b * n_out * C,
+                                      groups_of(out.members, out.row_start, b), p.N, n_out, o0, o1, C, p_out + b * n_out * C,
                                       p_size_out + b * n_out);
         };
         run_matching(metric, p, out, &merge);

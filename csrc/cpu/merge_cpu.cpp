@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> merge_groups(const at::Tensor& x, const std::
       acc_t* p_size_out = size_out.data_ptr<acc_t>();
       for_each_rows(B, n_out, C, [&](int64_t b, int64_t o0, int64_t o1) {
         merge_rows<scalar_t, acc_t>(mode, rows_of<scalar_t>(x, b), batch_sizes<acc_t>(sizes, b, N), groups_of(m, starts, b),
-                                    o0, o1, C, p_out + b * n_out * C, p_size_out + b * n_out);
+                                    N, n_out, o0, o1, C, p_out + b * n_out * C, p_size_out + b * n_out);
       });
     });
   });
