@@ -215,10 +215,23 @@ class RowMatcher {
   void normalise_rows(int64_t b, int64_t n0, int64_t n1) const {
     std::vector<score_t> row(p_.D);
     for (int64_t n = n0; n < n1; ++n) {
-      std::fill(row.begin(), row.end(), score_t(0));
-      for (int64_t h = 0; h < p_.H; ++h) {
-        const metric_t* src = metric_ + b * s_b_ + h * s_h_ + n * s_n_;
-        for (int64_t d = 0; d < p_.D; ++d) row[d] += static_cast<score_t>(load<kContig>(src, d, s_d_));
+      const metric_t* token = metric_ + b * s_b_ + n * s_n_;
+      // Sixteen features at a time summed over every head in registers; a running row in
+      // memory would be loaded and stored again for each head (this loop was the
+      // matching's hot spot).
+      int64_t d0 = 0;
+      for (; d0 + 16 <= p_.D; d0 += 16) {
+        score_t acc[16] = {};
+        for (int64_t h = 0; h < p_.H; ++h) {
+          const metric_t* src = token + h * s_h_ + d0 * s_d_;
+          for (int l = 0; l < 16; ++l) acc[l] += static_cast<score_t>(load<kContig>(src, l, s_d_));
+        }
+        std::copy(acc, acc + 16, row.begin() + d0);
+      }
+      for (int64_t d = d0; d < p_.D; ++d) {
+        score_t acc = 0;
+        for (int64_t h = 0; h < p_.H; ++h) acc += static_cast<score_t>(load<kContig>(token + h * s_h_, d, s_d_));
+        row[d] = acc;
       }
       if (p_.H > 1) {
         for (int64_t d = 0; d < p_.D; ++d) row[d] /= static_cast<score_t>(p_.H);
