@@ -120,8 +120,10 @@ void merge_row(const Rows<scalar_t>& x, const acc_t* size, const Groups& groups,
     }
   }
   if (kMode == Mode::kWavg || kMode == Mode::kMean) {
-    const acc_t divisor = kMode == Mode::kWavg ? total : static_cast<acc_t>(count);
-    for (int64_t c = 0; c < C; ++c) buf[c] /= divisor;
+    // One division per row, then products: a vector division per element cost about a
+    // quarter of the merge (the result is within about an ulp of dividing each element).
+    const acc_t scale = acc_t(1) / (kMode == Mode::kWavg ? total : static_cast<acc_t>(count));
+    for (int64_t c = 0; c < C; ++c) buf[c] *= scale;
   }
   if (kMode == Mode::kWavg) *size_out = total;
   if (std::is_same<scalar_t, acc_t>::value) {
