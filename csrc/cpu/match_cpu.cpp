@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -255,8 +256,11 @@ void run_matching(const at::Tensor& metric, const Problem& p, const MatchOutputs
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "tome_native::match (CPU)", [&] {
     const RowMatcher<scalar_t> matcher(metric, p, out);
     if (p.B >= at::get_num_threads()) {
-      at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
+      // Rows are handed out one at a time as threads free up, not split in equal shares
+      // up front: on a shared machine one slowed thread would otherwise hold up the call.
+      std::atomic<int64_t> next_row{0};
+      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        for (int64_t b = next_row++; b < p.B; b = next_row++) {
           matcher.normalise(b, 0, p.N);
           matcher.match(b, 0, p.Na);
           matcher.layout(b);
