@@ -14,7 +14,7 @@ from .triton_backend import TritonBackend
 # Preference order of "auto": each backend runs only some inputs, and the first that can
 # run them wins. CPU tensors: the "cpu" extension, else the reference. CUDA tensors:
 # "triton", then the "cuda" extension; that order is provisional until the GPU benchmarks
-# (benchmarks/run.py) have measured both (README, "Choosing a backend").
+# (benchmarks/run.py) have measured both (README, "Backends").
 register_backend(NativeBackend("cpu"))
 register_backend(TritonBackend())
 register_backend(NativeBackend("cuda"))
