@@ -41,9 +41,19 @@ class Backend:
         return None
 
     def unsupported_reasons(self, tensors: Sequence[Tensor]) -> List[str]:
-        """Why this backend cannot run these particular inputs (device, dtype...). Answered
-        without loading the backend, so that ``auto`` never loads one it will not use."""
-        return []
+        """Why this backend cannot run these particular inputs (device, dtype...), each
+        reason once. Answered without loading the backend, so that ``auto`` never loads one
+        it will not use."""
+        reasons = []
+        for t in tensors:
+            reason = self.tensor_reason(t)
+            if reason is not None and reason not in reasons:
+                reasons.append(reason)
+        return reasons
+
+    def tensor_reason(self, t: Tensor) -> Optional[str]:
+        """Why this backend cannot run the tensor ``t``, or None: what backends override."""
+        return None
 
     def expected_for(self, device: torch.device) -> bool:
         """Whether ``auto`` would normally pick this backend on ``device``; failing to load

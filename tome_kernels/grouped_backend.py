@@ -2,7 +2,8 @@
 and the native (CPU / CUDA) extensions both apply a matching through its groups
 ``(members, row_start)`` (see ``csrc/ops.cpp``), so plans made by one run on the other.
 
-A subclass loads its operators in ``_load`` and names them through ``_match_op``,
+A subclass loads its operators in ``_load`` (recording a failure in ``_error``), says which
+tensors it cannot run in ``tensor_reason``, and names them through ``_match_op``,
 ``_bipartite_merge_op`` and ``_merge_ops``; ``r = 0`` ("no merge") never reaches an
 operator, because an operator may not return its input.
 """
@@ -18,8 +19,15 @@ from .reference import MatchResult
 
 
 class GroupedBackend(Backend):
+    _error: Optional[str] = None  # why loading failed, set by _load
+
     def _load(self) -> None:
+        """Load the operators once, or record in ``_error`` why they cannot load."""
         raise NotImplementedError
+
+    def load_error(self) -> Optional[str]:
+        self._load()
+        return self._error
 
     def _match_op(self, metric: Tensor, r: int, class_token: bool, distill_token: bool):
         """(src_idx, dst_idx, unm_idx, token_map, members, row_start)."""

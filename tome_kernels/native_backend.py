@@ -6,7 +6,7 @@ reason the backend cannot run; ``auto`` then falls back (with one warning) to th
 backend, and asking for the backend by name raises that reason.
 """
 
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -46,24 +46,14 @@ class NativeBackend(GroupedBackend):
         native_ops.register_once()
         self._loaded = True
 
-    def load_error(self) -> Optional[str]:
-        self._load()
-        return self._error
-
-    def unsupported_reasons(self, tensors: Sequence[Tensor]) -> List[str]:
+    def tensor_reason(self, t: Tensor) -> Optional[str]:
         dtypes = _DTYPES[self.name]
-        reasons = []
-        for t in tensors:
-            if t.device.type != self.name:
-                reason = f"it runs {self.name.upper()} tensors, not {t.device.type} tensors"
-            elif t.dtype not in dtypes:
-                names = ", ".join(_dtype_name(d) for d in dtypes)
-                reason = f"it computes {names}, not {_dtype_name(t.dtype)}"
-            else:
-                continue
-            if reason not in reasons:
-                reasons.append(reason)
-        return reasons
+        if t.device.type != self.name:
+            return f"it runs {self.name.upper()} tensors, not {t.device.type} tensors"
+        if t.dtype not in dtypes:
+            names = ", ".join(_dtype_name(d) for d in dtypes)
+            return f"it computes {names}, not {_dtype_name(t.dtype)}"
+        return None
 
     def expected_for(self, device: torch.device) -> bool:
         return device.type == self.name

@@ -8,7 +8,7 @@ without a GPU.
 """
 
 import os
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,28 +43,18 @@ class TritonBackend(GroupedBackend):
         # The interpreter is chosen when the kernels are defined, i.e. now.
         self._interpreted = _interpreter_requested()
 
-    def load_error(self) -> Optional[str]:
-        self._load()
-        return self._error
-
-    def unsupported_reasons(self, tensors: Sequence[Tensor]) -> List[str]:
+    def tensor_reason(self, t: Tensor) -> Optional[str]:
         interpreted = _interpreter_requested() if self._interpreted is None else self._interpreted
-        reasons = []
-        for t in tensors:
-            if t.device.type == "cpu" and not interpreted:
-                reason = (
-                    "it runs CUDA tensors; CPU tensors only in Triton's interpreter "
-                    "(TRITON_INTERPRET=1 set before the first use of tome_kernels)"
-                )
-            elif t.device.type not in ("cpu", "cuda"):
-                reason = f"it runs CUDA tensors, not {t.device.type} tensors"
-            elif t.dtype not in SUPPORTED_DTYPES:
-                reason = f"it computes float16, bfloat16 and float32, not {str(t.dtype).replace('torch.', '')}"
-            else:
-                continue
-            if reason not in reasons:
-                reasons.append(reason)
-        return reasons
+        if t.device.type == "cpu" and not interpreted:
+            return (
+                "it runs CUDA tensors; CPU tensors only in Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before the first use of tome_kernels)"
+            )
+        if t.device.type not in ("cpu", "cuda"):
+            return f"it runs CUDA tensors, not {t.device.type} tensors"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"it computes float16, bfloat16 and float32, not {str(t.dtype).replace('torch.', '')}"
+        return None
 
     def expected_for(self, device: torch.device) -> bool:
         return device.type == "cuda"

@@ -78,6 +78,28 @@ inline void check_groups(const at::Tensor& members, const at::Tensor& row_start,
   }
 }
 
+// The checked shapes and (contiguous) groups every operator that applies a matching starts from.
+struct GroupedInputs {
+  int64_t B, N, C, n_out;
+  at::Tensor members, row_start;
+};
+
+inline GroupedInputs check_grouped(const at::Tensor& x, const std::optional<at::Tensor>& size, const at::Tensor& members,
+                                   const at::Tensor& row_start) {
+  check_tokens(x, "x");
+  const int64_t B = x.size(0), N = x.size(1);
+  check_size(size, B, N);
+  GroupedInputs in{B, N, x.size(2), 0, members.contiguous(), row_start.contiguous()};
+  check_groups(in.members, in.row_start, B, N);
+  in.n_out = in.row_start.size(1) - 1;
+  return in;
+}
+
+// (B, n_out, 1) sizes in the dtype the reference returns, from the accumulated (B, n_out).
+inline at::Tensor size_output(const at::Tensor& accumulated, const std::optional<at::Tensor>& size) {
+  return accumulated.to(size_out_dtype(size)).unsqueeze(-1);
+}
+
 inline Mode parse_mode(const std::string& mode) {
   if (mode == "sum") return Mode::kSum;
   if (mode == "mean") return Mode::kMean;
@@ -86,8 +108,8 @@ inline Mode parse_mode(const std::string& mode) {
   TORCH_CHECK(false, "tome_native (CPU): mode must be one of sum, mean, amax, amin, got '", mode, "'");
 }
 
-// Calls f(b, o0, o1) over every batch row b and output rows [o0, o1), in parallel, with
-// about grain_elements elements of work per chunk.
+// Calls f(b, o0, o1) over every batch row b and rows [o0, o1) of it, in parallel, with
+// chunks of at least about 32768 elements (rows x channels) of work.
 template <typename F>
 void for_each_rows(int64_t B, int64_t rows, int64_t channels, F f) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(channels, 1));

@@ -137,11 +137,12 @@ void merge_row(const Rows<scalar_t>& x, const acc_t* size, const Groups& groups,
 // Gradients of the weighted merge for row o's group. With y = sum_k x_k s_k / S over the
 // group and S = sum_k s_k: dx_k = (gy / S) s_k and
 // ds_k = (<gy, x_k> - <gy, y>) / S + gsize, where gsize is the gradient of size_out[o].
-// A copied row passes gy and gsize through. gx is (N, C) contiguous for this batch row;
-// gs (N) is written only when non-null. buf: C accumulators.
+// <gy, y> = sum_k s_k <gy, x_k> / S, so each member's x is read once: its <gy, x_k> is
+// parked in gs until the sum is complete. A copied row passes gy and gsize through. gx is
+// (N, C) contiguous for this batch row; gs (N) is written only when non-null.
 template <bool kContig, typename scalar_t, typename acc_t>
 void merge_wavg_backward_row(const Rows<scalar_t>& gy_rows, acc_t gsize, const Rows<scalar_t>& x, const acc_t* size,
-                             const Groups& groups, int64_t o, int64_t C, scalar_t* gx, acc_t* gs, acc_t* buf) {
+                             const Groups& groups, int64_t o, int64_t C, scalar_t* gx, acc_t* gs) {
   const int32_t* member = groups.begin(o);
   const int64_t count = groups.count(o);
   const scalar_t* gy = gy_rows.row(o);
@@ -154,18 +155,7 @@ void merge_wavg_backward_row(const Rows<scalar_t>& gy_rows, acc_t gsize, const R
   }
   acc_t total = 0;
   for (int64_t k = 0; k < count; ++k) total += token_size(size, member[k]);
-  acc_t gy_dot_y = 0;
-  if (gs) {
-    // <gy, y> with y recomputed from the group in acc_t (the forward never stored it).
-    for (int64_t c = 0; c < C; ++c) buf[c] = 0;
-    for (int64_t k = 0; k < count; ++k) {
-      const scalar_t* xk = x.row(member[k]);
-      const acc_t w = token_size(size, member[k]);
-      for (int64_t c = 0; c < C; ++c) buf[c] += static_cast<acc_t>(load<kContig>(xk, c, x.channel_stride)) * w;
-    }
-    for (int64_t c = 0; c < C; ++c) gy_dot_y += static_cast<acc_t>(load<kContig>(gy, c, sg)) * buf[c];
-    gy_dot_y /= total;
-  }
+  acc_t weighted_dots = 0;  // sum_k s_k <gy, x_k> = S <gy, y>
   for (int64_t k = 0; k < count; ++k) {
     const acc_t w = token_size(size, member[k]);
     scalar_t* gx_row = gx + member[k] * C;
@@ -176,9 +166,13 @@ void merge_wavg_backward_row(const Rows<scalar_t>& gy_rows, acc_t gsize, const R
       for (int64_t c = 0; c < C; ++c) {
         gy_dot_x += static_cast<acc_t>(load<kContig>(gy, c, sg)) * static_cast<acc_t>(load<kContig>(xk, c, x.channel_stride));
       }
-      gs[member[k]] = (gy_dot_x - gy_dot_y) / total + gsize;
+      gs[member[k]] = gy_dot_x;
+      weighted_dots += w * gy_dot_x;
     }
   }
+  if (!gs) return;
+  const acc_t gy_dot_y = weighted_dots / total;
+  for (int64_t k = 0; k < count; ++k) gs[member[k]] = (gs[member[k]] - gy_dot_y) / total + gsize;
 }
 
 // Gradient of the unweighted modes for row o's group into contiguous gx (N, C): sum passes

@@ -40,7 +40,8 @@ struct MatchOutputs {
   at::Tensor src_idx, dst_idx, unm_idx, token_map, members, row_start;
 };
 
-using MergeRowsFn = std::function<void(int64_t b, int64_t o0, int64_t o1)>;
+// Merges the output rows [k0, k1) of batch row b, counted in token order (group_rows.h).
+using MergeRowsFn = std::function<void(int64_t b, int64_t k0, int64_t k1)>;
 
 int64_t max_r(int64_t N, bool class_token, bool distill_token) {
   // As reference.clamp_r: with a distill token and N < 4 there is no destination at all.
@@ -251,7 +252,7 @@ class RowMatcher {
   at::Tensor a_rows_, b_rows_, best_, dst_;
 };
 
-// Runs every phase for every batch row, then merge(b, o0, o1) when given.
+// Runs every phase for every batch row, then merge(b, k0, k1) when given.
 void run_matching(const at::Tensor& metric, const Problem& p, const MatchOutputs& out, const MergeRowsFn* merge) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "tome_native::match (CPU)", [&] {
     const RowMatcher<scalar_t> matcher(metric, p, out);
@@ -273,7 +274,7 @@ void run_matching(const at::Tensor& metric, const Problem& p, const MatchOutputs
       at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) { matcher.normalise(b, n0, n1); });
       at::parallel_for(0, p.Na, 16, [&](int64_t i0, int64_t i1) { matcher.match(b, i0, i1); });
       matcher.layout(b);
-      if (merge) at::parallel_for(0, p.n_out(), 8, [&](int64_t o0, int64_t o1) { (*merge)(b, o0, o1); });
+      if (merge) at::parallel_for(0, p.n_out(), 8, [&](int64_t k0, int64_t k1) { (*merge)(b, k0, k1); });
     }
   });
 }
@@ -319,16 +320,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
         using acc_t = decltype(acc_value);
         scalar_t* p_out = x_out.data_ptr<scalar_t>();
         acc_t* p_size_out = size_out.data_ptr<acc_t>();
-        const MergeRowsFn merge = [&](int64_t b, int64_t o0, int64_t o1) {
+        const MergeRowsFn merge = [&](int64_t b, int64_t k0, int64_t k1) {
           merge_rows<scalar_t, acc_t>(Mode::kWavg, rows_of<scalar_t>(x, b), batch_sizes<acc_t>(sizes, b, p.N),
-                                      groups_of(out.members, out.row_start, b), p.N, n_out, o0, o1, C, p_out + b * n_out * C,
+                                      groups_of(out.members, out.row_start, b), p.N, n_out, k0, k1, C, p_out + b * n_out * C,
                                       p_size_out + b * n_out);
         };
         run_matching(metric, p, out, &merge);
       });
     });
   }
-  return {x_out, size_out.to(size_out_dtype(size)).unsqueeze(-1), out.members, out.row_start};
+  return {x_out, size_output(size_out, size), out.members, out.row_start};
 }
 
 }  // namespace

@@ -15,12 +15,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> merge_groups(const at::Tensor& x, const std::optional<at::Tensor>& size,
                                                 const at::Tensor& members, const at::Tensor& row_start, Mode mode) {
-  check_tokens(x, "x");
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  check_size(size, B, N);
-  const auto m = members.contiguous(), starts = row_start.contiguous();
-  check_groups(m, starts, B, N);
-  const int64_t n_out = starts.size(1) - 1;
+  const auto in = check_grouped(x, size, members, row_start);
+  const int64_t B = in.B, N = in.N, C = in.C, n_out = in.n_out;
+  const auto &m = in.members, &starts = in.row_start;
   const auto acc = acc_dtype(x, size);
   const auto sizes = sizes_as(size, acc);
   auto out = at::empty({B, n_out, C}, x.options());
@@ -30,13 +27,13 @@ std::tuple<at::Tensor, at::Tensor> merge_groups(const at::Tensor& x, const std::
       using acc_t = decltype(acc_value);
       scalar_t* p_out = out.data_ptr<scalar_t>();
       acc_t* p_size_out = size_out.data_ptr<acc_t>();
-      for_each_rows(B, n_out, C, [&](int64_t b, int64_t o0, int64_t o1) {
+      for_each_rows(B, n_out, C, [&](int64_t b, int64_t k0, int64_t k1) {
         merge_rows<scalar_t, acc_t>(mode, rows_of<scalar_t>(x, b), batch_sizes<acc_t>(sizes, b, N), groups_of(m, starts, b),
-                                    N, n_out, o0, o1, C, p_out + b * n_out * C, p_size_out + b * n_out);
+                                    N, n_out, k0, k1, C, p_out + b * n_out * C, p_size_out + b * n_out);
       });
     });
   });
-  return {out, size_out.to(size_out_dtype(size)).unsqueeze(-1)};
+  return {out, size_output(size_out, size)};
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_wavg_cpu(const at::Tensor& x, const std::optional<at::Tensor>& size,
@@ -58,12 +55,9 @@ std::tuple<at::Tensor, at::Tensor> merge_wavg_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& x, const std::optional<at::Tensor>& size,
                                                            const at::Tensor& members, const at::Tensor& row_start,
                                                            bool size_grad) {
-  check_tokens(x, "x");
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  check_size(size, B, N);
-  const auto m = members.contiguous(), starts = row_start.contiguous();
-  check_groups(m, starts, B, N);
-  const int64_t n_out = starts.size(1) - 1;
+  const auto in = check_grouped(x, size, members, row_start);
+  const int64_t B = in.B, N = in.N, C = in.C, n_out = in.n_out;
+  const auto &m = in.members, &starts = in.row_start;
   check_grad(grad_out, x, n_out, "grad_out");
   TORCH_CHECK(grad_size_out.numel() == B * n_out, "tome_native (CPU): grad_size_out must be (", B, ", ", n_out, ", 1)");
   size_grad = size_grad && size.has_value();
@@ -79,7 +73,6 @@ std::tuple<at::Tensor, at::Tensor> merge_wavg_backward_cpu(const at::Tensor& gra
       using acc_t = decltype(acc_value);
       const bool contig = gy.stride(2) == 1 && x.stride(2) == 1;
       for_each_rows(B, n_out, C, [&](int64_t b, int64_t o0, int64_t o1) {
-        std::vector<acc_t> buf(C);
         const auto gy_rows = rows_of<scalar_t>(gy, b), x_rows = rows_of<scalar_t>(x, b);
         const auto groups = groups_of(m, starts, b);
         const acc_t* s = batch_sizes<acc_t>(sizes, b, N);
@@ -88,9 +81,9 @@ std::tuple<at::Tensor, at::Tensor> merge_wavg_backward_cpu(const at::Tensor& gra
         const acc_t* g_size = gsize.data_ptr<acc_t>() + b * n_out;
         for (int64_t o = o0; o < o1; ++o) {
           if (contig) {
-            merge_wavg_backward_row<true>(gy_rows, g_size[o], x_rows, s, groups, o, C, gx, gs, buf.data());
+            merge_wavg_backward_row<true>(gy_rows, g_size[o], x_rows, s, groups, o, C, gx, gs);
           } else {
-            merge_wavg_backward_row<false>(gy_rows, g_size[o], x_rows, s, groups, o, C, gx, gs, buf.data());
+            merge_wavg_backward_row<false>(gy_rows, g_size[o], x_rows, s, groups, o, C, gx, gs);
           }
         }
       });
@@ -123,11 +116,9 @@ void merge_backward_rows(const at::Tensor& gy, const at::Tensor& x, const at::Te
 
 at::Tensor merge_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                               const at::Tensor& members, const at::Tensor& row_start, c10::string_view mode_name) {
-  check_tokens(x, "x");
-  const int64_t B = x.size(0), N = x.size(1);
-  const auto m = members.contiguous(), starts = row_start.contiguous();
-  check_groups(m, starts, B, N);
-  const int64_t n_out = starts.size(1) - 1;
+  const auto in = check_grouped(x, std::nullopt, members, row_start);
+  const int64_t n_out = in.n_out;
+  const auto &m = in.members, &starts = in.row_start;
   check_grad(grad_out, x, n_out, "grad_out");
   check_grad(out, x, n_out, "out");
   const Mode mode = parse_mode(std::string(mode_name));
