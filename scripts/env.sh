@@ -22,6 +22,7 @@ else
     pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
     pip_install -r "$ROOT/requirements/torch.txt"
     pip_install -r "$ROOT/requirements/cpu.txt" -c "$ROOT/requirements/constraints.txt"
+    pip_install --no-deps -r "$ROOT/requirements/no-deps.txt"
     echo "$wanted" > "$STAMP"
   fi
   PYTHON=$VENV/bin/python

@@ -1,0 +1,37 @@
+"""Patch models to run with ToMe through tome_kernels.
+
+    import tome_kernels.patch
+    tome_kernels.patch.timm(model, r=16)        # a timm ViT / DeiT
+    tome_kernels.patch.bert(encoder, r=4)       # a Hugging Face BERT-style encoder
+    state = tome_kernels.patch.get_state(model) # sizes, source map after a forward pass
+    tome_kernels.patch.remove(model)            # back to the original model
+"""
+
+from torch import nn
+
+from .schedule import r_per_block
+from .state import ToMeState
+from .timm_vit import patch_timm as timm
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "_tome_state", None), ToMeState)
+
+
+def get_state(model: nn.Module) -> ToMeState:
+    """The ToMe state of a patched model: r per block, and after a forward pass the sizes and
+    (with trace_source) the token map of the last batch."""
+    if not is_patched(model):
+        raise ValueError(f"model ({type(model).__name__}) is not patched by tome_kernels.patch")
+    return model._tome_state
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo a patch in place and return the model; a model that is not patched is returned
+    unchanged."""
+    if is_patched(model):
+        get_state(model).undo(model)
+    return model
+
+
+__all__ = ["timm", "get_state", "remove", "is_patched", "r_per_block", "ToMeState"]

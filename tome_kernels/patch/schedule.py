@@ -1,0 +1,44 @@
+"""How many tokens each block merges away: the r schedules of shared/tome_spec.md."""
+
+from typing import List, Sequence, Tuple, Union
+
+RSchedule = Union[int, Sequence[int], Tuple[int, float]]
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    return value
+
+
+def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
+    """The tokens removed by each of ``num_blocks`` blocks.
+
+    - an int: the same r in every block;
+    - a list: r per block, padded with zeros (longer than the model is an error);
+    - a tuple ``(r, inflection)``: a linear ramp from ``lo = int(r * (1 - inflection))`` to
+      ``hi = 2 * r - lo`` over the blocks; inflection 0 is constant, 1 increasing from 0,
+      -1 decreasing to 0. The total stays about ``r * num_blocks`` either way.
+
+    Each block then clamps its r to what its token count allows (the merge contract).
+    """
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"r as a tuple must be (r, inflection), got {r!r}; give a per-block schedule as a list")
+        base = _check_count("r (the first item of (r, inflection))", r[0])
+        inflection = r[1]
+        if isinstance(inflection, bool) or not isinstance(inflection, (int, float)):
+            raise TypeError(f"the inflection of r = (r, inflection) must be a number, got {type(inflection).__name__}")
+        lo = int(base * (1 - inflection))
+        hi = 2 * base - lo
+        if num_blocks == 1:
+            return [base]
+        return [max(int(lo + block * (hi - lo) / (num_blocks - 1)), 0) for block in range(num_blocks)]
+    if isinstance(r, list):
+        if len(r) > num_blocks:
+            raise ValueError(f"r gives {len(r)} per-block values but the model has {num_blocks} blocks")
+        values = [_check_count(f"r[{i}]", v) for i, v in enumerate(r)]
+        return values + [0] * (num_blocks - len(values))
+    return [_check_count("r", r)] * num_blocks

@@ -1,0 +1,127 @@
+"""The per-model ToMe state that a patched model's blocks share during one forward pass.
+
+A patched block cannot pass sizes or source maps to the next block through its return value
+(timm chains blocks with nn.Sequential, BERT with its own loop), so they live here: the first
+block resets them, every block reads and updates them, and the caller can read them after
+the forward pass (``tome_kernels.patch.get_state(model)``).
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..api import bipartite_match, bipartite_merge
+from ..backends import _REGISTRY, requested_backend
+
+# A padded position's size: small enough to leave the tokens it merges into unchanged to
+# about one part in a million, positive so that a group of padding alone averages to a
+# number instead of 0 / 0. A token is real when its size is at least VALID_SIZE: real
+# sizes are whole counts of real tokens, and all the padding of a row sums to far less.
+PADDING_SIZE = 1e-6
+VALID_SIZE = 0.5
+
+
+def check_backend_name(backend) -> str:
+    """Fail at patch time, not at the first forward pass, for a backend that does not exist."""
+    name, source = requested_backend(backend)
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
+    return backend
+
+
+class ToMeState:
+    """What the blocks of one patched model share.
+
+    Attributes read after a forward pass:
+        r: tokens each block asks to remove (each block clamps it to what it has).
+        size: (B, N_now, 1) float32 sizes of the current tokens, or None before any merge.
+        token_map: with ``trace_source``, (B, N_input) int64: the row of the current tokens
+            that every input token ended in; None without tracing or before any merge.
+        num_input_tokens: N at the first block of the last forward pass.
+    """
+
+    def __init__(self, r: List[int], *, class_token: bool, distill_token: bool, prop_attn: bool,
+                 trace_source: bool, backend: str):
+        self.r = r
+        self.class_token = class_token
+        self.distill_token = distill_token
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.backend = backend
+        # Set by the patch function: how to restore the model (tome_kernels.patch.remove).
+        self.undo = None
+        self.begin(None)
+
+    def begin(self, size: Optional[Tensor], num_input_tokens: int = 0) -> None:
+        """Start a forward pass. ``size`` is None (all ones) or, for padded batches, the
+        starting sizes with ``PADDING_SIZE`` at padded positions."""
+        self.size = size
+        self.padded = size is not None
+        self.merged = False
+        self.token_map: Optional[Tensor] = None
+        self.num_input_tokens = num_input_tokens
+        self.keys: Optional[Tensor] = None
+
+    def attention_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """The additive (B, 1, 1, N) attention mask for the current tokens, or None when no
+        token has merged yet (so that r = 0 runs exactly the unpatched computation).
+
+        Proportional attention adds log(size): a key standing for s tokens counts s times.
+        Padding (size below VALID_SIZE) gets the most negative value of ``dtype``.
+        """
+        if not self.merged or (not self.prop_attn and not self.padded):
+            return None
+        size = self.size[..., 0].to(torch.float32)
+        bias = size.log() if self.prop_attn else torch.zeros_like(size)
+        if self.padded:
+            bias = bias.masked_fill(size < VALID_SIZE, torch.finfo(dtype).min)
+        return bias.to(dtype)[:, None, None, :]
+
+    def valid_weights(self) -> Optional[Tensor]:
+        """(B, N, 1) float32 pooling weights: each token's size, zero for padding; None
+        when no token has merged and nothing is padded (all weights equal)."""
+        if self.size is None:
+            return None
+        return torch.where(self.size >= VALID_SIZE, self.size, torch.zeros_like(self.size))
+
+    def merge(self, x: Tensor, r: int) -> Tensor:
+        """Merge ``r`` tokens of ``x`` on the keys this block's attention left in ``keys``."""
+        keys, self.keys = self.keys, None
+        if keys is None:
+            raise RuntimeError("tome_kernels: the patched attention did not record its keys this pass")
+        flags = dict(class_token=self.class_token, distill_token=self.distill_token, backend=self.backend)
+        if self.trace_source:
+            plan = bipartite_match(keys, r, **flags)
+            x, self.size = plan.merge_wavg(x, self.size)
+            step = plan.token_map
+            self.token_map = step if self.token_map is None else step.gather(1, self.token_map)
+        else:
+            x, self.size = bipartite_merge(x, keys, r, self.size, **flags)
+        self.merged = True
+        return x
+
+    def source_matrix(self) -> Tensor:
+        """The dense (B, N_now, N_input) 0/1 matrix of which input tokens each current token
+        stands for (the public implementation's form); O(N^2) memory, so only on request."""
+        if not self.trace_source:
+            raise ValueError("source_matrix needs the model patched with trace_source=True")
+        if self.token_map is None:
+            raise ValueError("source_matrix: no tokens were merged in the last forward pass (or none ran yet)")
+        return nn.functional.one_hot(self.token_map, self.size.shape[1]).transpose(1, 2).to(torch.float32)
+
+
+class KeyCapture(nn.Module):
+    """Wraps the module that produces an attention's keys and hands them to the state, so
+    the merge gets the keys as keys (B, H, N, Dh) and no head-mean is ever materialised."""
+
+    def __init__(self, inner: nn.Module, state: ToMeState, to_heads=None):
+        super().__init__()
+        self.inner = inner
+        self._state = state
+        self._to_heads = to_heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        keys = self.inner(x)
+        self._state.keys = keys if self._to_heads is None else self._to_heads(keys)
+        return keys

@@ -1,0 +1,129 @@
+"""ToMe for timm's VisionTransformer family (ViT, DeiT, DeiT-distilled, with or without
+LayerScale), as in timm 1.0.x.
+
+Each block becomes a subclass of its own class whose forward merges between the attention
+and the MLP; the attention's key normalisation (an Identity unless qk_norm) is wrapped to hand
+the keys to the merge. Nothing else in the model changes, so ``remove`` restores it exactly.
+"""
+
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import RSchedule, r_per_block
+from .state import KeyCapture, ToMeState, check_backend_name
+
+_SUBCLASSES = {}
+
+
+def _tome_subclass(cls: type, mixin: type) -> type:
+    """One ToMe subclass per original class, so that isinstance checks keep working."""
+    key = (cls, mixin)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"ToMe{cls.__name__}", (mixin, cls), {"_tome_original_class": cls})
+    return _SUBCLASSES[key]
+
+
+class _ToMeBlock:
+    """timm's Block.forward with the merge between attention and MLP."""
+
+    def forward(self, x: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
+        state: ToMeState = self._tome_state
+        if attn_mask is not None or is_causal:
+            raise ValueError("a ToMe-patched model takes no attn_mask / is_causal: merging changes the token count")
+        if self._tome_index == 0:
+            state.begin(None, x.shape[1])
+        bias = state.attention_bias(x.dtype)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
+        r = state.r[self._tome_index]
+        if r > 0:
+            x = state.merge(x, r)
+        else:
+            state.keys = None
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class _ToMeVisionTransformer:
+    """Average pooling weighted by size: a merged token stands for all its patches."""
+
+    def pool(self, x: Tensor, pool_type=None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        weights = self._tome_state.valid_weights()
+        if pool_type != "avg" or weights is None:
+            return super().pool(x, pool_type)
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        weights = weights[:, start:].to(x.dtype)
+        return (x[:, start:] * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def _check_model(model: nn.Module) -> List[nn.Module]:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"model must be a timm VisionTransformer (ViT, DeiT), got {type(model).__name__}")
+    if getattr(model, "num_reg_tokens", 0):
+        raise ValueError("model has register tokens, which the merge contract does not protect (only a class "
+                         "and a distillation token)")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError(f"model pools with attention (global_pool={model.global_pool!r}), which ToMe does not weight by size")
+    if model.global_pool not in ("token", "avg", "max", ""):
+        raise ValueError(f"model.global_pool={model.global_pool!r}: supported are 'token', 'avg', 'max' and ''")
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        if not isinstance(block, Block) or not isinstance(block.attn, Attention):
+            raise ValueError(f"model.blocks[{i}] is a {type(block).__name__} with {type(block.attn).__name__}: "
+                             "ToMe patches timm's pre-norm Block with its standard Attention")
+    return blocks
+
+
+def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, prop_attn: bool = True,
+               backend: str = "auto") -> nn.Module:
+    """Patch a timm VisionTransformer in place to merge tokens in every block; returns it.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or ``VisionTransformerDistilled``).
+        r: tokens removed per block: an int, a per-block list, or ``(r, inflection)``.
+        trace_source: keep, per image, the final token of every input token
+            (``get_state(model).token_map``, O(N) memory).
+        prop_attn: proportional attention (log(size) added to the attention logits).
+        backend: the merge backend, as in ``bipartite_merge``.
+
+    A patched model patched again is first restored, so the new settings replace the old.
+    ``remove(model)`` undoes the patch.
+    """
+    from . import remove
+
+    check_backend_name(backend)
+    remove(model)
+    blocks = _check_model(model)
+    state = ToMeState(
+        r_per_block(r, len(blocks)),
+        class_token=getattr(model, "cls_token", None) is not None,
+        distill_token=getattr(model, "dist_token", None) is not None,
+        prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend,
+    )
+    state.undo = remove_timm
+    for index, block in enumerate(blocks):
+        block._tome_state = state
+        block._tome_index = index
+        block.attn.k_norm = KeyCapture(block.attn.k_norm, state)
+        block.__class__ = _tome_subclass(type(block), _ToMeBlock)
+    model._tome_state = state
+    model.__class__ = _tome_subclass(type(model), _ToMeVisionTransformer)
+    return model
+
+
+def remove_timm(model: nn.Module) -> None:
+    """Undo ``patch_timm`` on ``model``."""
+    for block in model.blocks:
+        if isinstance(block.attn.k_norm, KeyCapture):
+            block.attn.k_norm = block.attn.k_norm.inner
+        original = getattr(type(block), "_tome_original_class", None)
+        if original is not None:
+            block.__class__ = original
+            del block._tome_state, block._tome_index
+    model.__class__ = type(model)._tome_original_class
+    del model._tome_state
