@@ -2,13 +2,16 @@
 
     import tome_kernels.patch
     tome_kernels.patch.timm(model, r=16)        # a timm ViT / DeiT
-    tome_kernels.patch.bert(encoder, r=4)       # a Hugging Face BERT-style encoder
+    tome_kernels.patch.bert(encoder, r=4)       # a Hugging Face BertModel (encoder)
+    tome_kernels.patch.mean_pool(encoder, out.last_hidden_state)  # size-weighted, no padding
     state = tome_kernels.patch.get_state(model) # sizes, source map after a forward pass
     tome_kernels.patch.remove(model)            # back to the original model
 """
 
 from torch import nn
 
+from .bert import mean_pool
+from .bert import patch_bert as bert
 from .schedule import r_per_block
 from .state import ToMeState
 from .timm_vit import patch_timm as timm
@@ -34,4 +37,4 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["timm", "get_state", "remove", "is_patched", "r_per_block", "ToMeState"]
+__all__ = ["timm", "bert", "mean_pool", "get_state", "remove", "is_patched", "r_per_block", "ToMeState"]

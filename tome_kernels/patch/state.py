@@ -111,6 +111,18 @@ class ToMeState:
         return nn.functional.one_hot(self.token_map, self.size.shape[1]).transpose(1, 2).to(torch.float32)
 
 
+def capture_keys(module: nn.Module, state: ToMeState, to_heads=None):
+    """Hand the output of ``module`` (what an attention makes its keys with) to ``state``,
+    so that the merge gets the keys as keys (B, H, N, Dh) and no head-mean is ever
+    materialised. A forward hook rather than a wrapper module, so that the model's
+    state_dict keeps its names while patched. Returns the hook's handle."""
+
+    def hand_over(_module, _inputs, keys):
+        state.keys = keys if to_heads is None else to_heads(keys)
+
+    return module.register_forward_hook(hand_over)
+
+
 class KeyCapture(nn.Module):
     """Wraps the module that produces an attention's keys and hands them to the state, so
     the merge gets the keys as keys (B, H, N, Dh) and no head-mean is ever materialised."""

@@ -2,8 +2,9 @@
 LayerScale), as in timm 1.0.x.
 
 Each block becomes a subclass of its own class whose forward merges between the attention
-and the MLP; the attention's key normalisation (an Identity unless qk_norm) is wrapped to hand
-the keys to the merge. Nothing else in the model changes, so ``remove`` restores it exactly.
+and the MLP; a forward hook on the attention's key normalisation (an Identity unless qk_norm)
+hands the keys to the merge. No module or parameter changes, so the state_dict keeps its
+names while patched and ``remove`` restores the model exactly.
 """
 
 from typing import List
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .schedule import RSchedule, r_per_block
-from .state import KeyCapture, ToMeState, check_backend_name
+from .state import ToMeState, capture_keys, check_backend_name
 
 _SUBCLASSES = {}
 
@@ -96,11 +97,13 @@ def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, pr
     """
     from . import remove
 
+    # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
-    remove(model)
     blocks = _check_model(model)
+    schedule = r_per_block(r, len(blocks))
+    remove(model)
     state = ToMeState(
-        r_per_block(r, len(blocks)),
+        schedule,
         class_token=getattr(model, "cls_token", None) is not None,
         distill_token=getattr(model, "dist_token", None) is not None,
         prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend,
@@ -109,7 +112,7 @@ def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, pr
     for index, block in enumerate(blocks):
         block._tome_state = state
         block._tome_index = index
-        block.attn.k_norm = KeyCapture(block.attn.k_norm, state)
+        block._tome_key_hook = capture_keys(block.attn.k_norm, state)
         block.__class__ = _tome_subclass(type(block), _ToMeBlock)
     model._tome_state = state
     model.__class__ = _tome_subclass(type(model), _ToMeVisionTransformer)
@@ -119,11 +122,10 @@ def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, pr
 def remove_timm(model: nn.Module) -> None:
     """Undo ``patch_timm`` on ``model``."""
     for block in model.blocks:
-        if isinstance(block.attn.k_norm, KeyCapture):
-            block.attn.k_norm = block.attn.k_norm.inner
         original = getattr(type(block), "_tome_original_class", None)
         if original is not None:
+            block._tome_key_hook.remove()
             block.__class__ = original
-            del block._tome_state, block._tome_index
+            del block._tome_state, block._tome_index, block._tome_key_hook
     model.__class__ = type(model)._tome_original_class
     del model._tome_state

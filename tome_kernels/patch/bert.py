@@ -1,0 +1,208 @@
+"""ToMe for BERT-style encoders: a Hugging Face transformers ``BertModel`` (transformers 5.x),
+as used by sentence-transformers models such as all-MiniLM-L6-v2.
+
+Each ``BertLayer`` becomes a subclass of its own class whose forward merges the attention
+output (after BERT's post-norm residual) before the feed-forward part; a forward hook on the
+key projection hands the keys (B, H, N, Dh) to the merge. [CLS] is token 0 and is never
+merged away.
+
+Padding: a forward pre-hook on the model reads the 2-D ``attention_mask`` and starts the
+pass with size 1 at real tokens and ``PADDING_SIZE`` at padded ones. Padded tokens take part
+in the matching like any other, but with that tiny size they leave whatever they merge into
+unchanged (to about 1e-6), a real token merged into a padded slot makes it real, and after
+the first merge the attention mask is rebuilt from the sizes, so padding is never attended
+to nor pooled. What padding does change is which merges happen: a padded row spends some of
+its r per layer on padding, so it merges fewer real tokens than the same sentence alone.
+"""
+
+import functools
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import RSchedule, r_per_block
+from .state import PADDING_SIZE, ToMeState, capture_keys, check_backend_name
+from .timm_vit import _tome_subclass
+
+# The attention interfaces that take an additive float mask of shape (B, 1, 1, N).
+_SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def _split_heads(keys: Tensor, head_dim: int) -> Tensor:
+    """(B, N, H * Dh) -> (B, H, N, Dh), a view."""
+    return keys.view(*keys.shape[:-1], -1, head_dim).transpose(1, 2)
+
+
+class _PassStart:
+    """Set by the model's pre-hook, taken by the first layer: a layer stack run without the
+    model's forward (``model.encoder(...)``) would otherwise reuse the last pass's sizes."""
+
+    def __init__(self):
+        self.pending = False
+
+
+class _ToMeBertLayer:
+    """BertLayer.forward (encoder only) with the merge between attention and feed-forward."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
+                past_key_values=None, **kwargs) -> Tensor:
+        state: ToMeState = self._tome_state
+        if self._tome_index == 0:
+            if not self._tome_pass.pending:
+                raise RuntimeError("a ToMe-patched BERT must be called through the patched model itself (its "
+                                   "forward pre-hook reads the attention mask), not through model.encoder")
+            self._tome_pass.pending = False
+        if encoder_hidden_states is not None or past_key_values is not None:
+            raise ValueError("a ToMe-patched BERT is an encoder: encoder_hidden_states and past_key_values must be None")
+        if self.gradient_checkpointing and self.training:
+            raise RuntimeError("a ToMe-patched BERT cannot use gradient checkpointing: recomputing a layer would "
+                               "merge its tokens a second time")
+        if state.merged:
+            # The incoming mask has the input's length; the merged tokens need their own.
+            attention_mask = state.attention_bias(hidden_states.dtype)
+        attention_output, _ = self.attention(hidden_states, attention_mask, past_key_values=None, **kwargs)
+        r = state.r[self._tome_index]
+        if r > 0:
+            attention_output = state.merge(attention_output, r)
+        else:
+            state.keys = None
+        from transformers.pytorch_utils import apply_chunking_to_forward
+
+        return apply_chunking_to_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim,
+                                         attention_output)
+
+
+def _attention_implementation(layer: nn.Module) -> str:
+    return getattr(layer.attention.self.config, "_attn_implementation", None) or "eager"
+
+
+def _begin_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the model: start the pass with the sizes the mask gives."""
+    state: ToMeState = model._tome_state
+    layers = model.encoder.layer
+    implementation = _attention_implementation(layers[0])
+    if implementation not in _SUPPORTED_ATTENTION:
+        raise ValueError(f"a ToMe-patched BERT runs with attn_implementation 'eager' or 'sdpa', not {implementation!r}")
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds", args[4] if len(args) > 4 else None)
+    size = None
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2-D (batch, tokens) for a ToMe-patched BERT, got shape "
+                             f"{tuple(mask.shape)}: merging changes the token count, so the model builds its own masks")
+        real = mask.to(tokens.device if tokens is not None else mask.device) != 0
+        if not bool(real.all()):
+            size = torch.where(real, 1.0, PADDING_SIZE).to(torch.float32)[..., None]
+    num_tokens = mask.shape[1] if mask is not None else (tokens.shape[1] if tokens is not None else 0)
+    state.begin(size, num_tokens)
+    model._tome_pass.pending = True
+
+
+def _check_model(model) -> List[nn.Module]:
+    from transformers.models.bert.modeling_bert import BertLayer, BertSelfAttention
+
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(model, nn.Module) or not isinstance(layers, (nn.ModuleList, list, tuple)) or not layers:
+        raise TypeError(f"model must be a transformers BertModel (a module whose .encoder.layer lists BertLayer), "
+                        f"got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("model is configured as a decoder or with cross-attention (config.is_decoder / "
+                         "config.add_cross_attention): ToMe patches bidirectional encoders only")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, BertLayer):
+            raise TypeError(f"model.encoder.layer[{i}] is a {type(layer).__name__}, expected a BertLayer")
+        if layer.is_decoder or hasattr(layer, "crossattention") or layer.attention.is_cross_attention:
+            raise ValueError(f"model.encoder.layer[{i}] is a decoder layer or has cross-attention: ToMe patches "
+                             "bidirectional encoders only")
+        attention = layer.attention.self
+        if not isinstance(attention, BertSelfAttention) or attention.is_causal:
+            raise ValueError(f"model.encoder.layer[{i}].attention.self is a {type(attention).__name__} "
+                             f"(is_causal={getattr(attention, 'is_causal', None)}): expected a bidirectional "
+                             "BertSelfAttention")
+        implementation = _attention_implementation(layer)
+        if implementation not in _SUPPORTED_ATTENTION:
+            raise ValueError(f"model uses attn_implementation {implementation!r}; ToMe needs 'eager' or 'sdpa' "
+                             "(an additive float mask), e.g. model.set_attn_implementation('sdpa')")
+    return list(layers)
+
+
+def patch_bert(model: nn.Module, r: RSchedule, *, prop_attn: bool = True, backend: str = "auto",
+               trace_source: bool = False) -> nn.Module:
+    """Patch a BERT-style encoder in place to merge tokens in every layer; returns it.
+
+    Args:
+        model: a transformers ``BertModel`` (encoder: no decoder, no cross-attention), with
+            attn_implementation "eager" or "sdpa".
+        r: tokens removed per layer: an int, a per-layer list, or ``(r, inflection)``.
+        prop_attn: proportional attention (log(size) added to the attention logits).
+        backend: the merge backend, as in ``bipartite_merge``.
+        trace_source: keep, per sequence, the final token of every input token
+            (``get_state(model).token_map``).
+
+    The patched model takes a 2-D ``attention_mask`` (or none). Its ``last_hidden_state``
+    has fewer tokens than the input; pool it with ``mean_pool(model, last_hidden_state)``,
+    which weights each token by its size and leaves padding out. ``pooler_output`` reads
+    token 0, [CLS], which is never merged away. ``remove(model)`` undoes the patch.
+    """
+    from . import remove
+
+    # Everything is checked before anything changes, so a bad argument leaves the model as it was.
+    check_backend_name(backend)
+    layers = _check_model(model)
+    schedule = r_per_block(r, len(layers))
+    remove(model)
+    state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=bool(prop_attn),
+                      trace_source=bool(trace_source), backend=backend)
+    state.undo = remove_bert
+    start = _PassStart()
+    for index, layer in enumerate(layers):
+        attention = layer.attention.self
+        layer._tome_state = state
+        layer._tome_index = index
+        layer._tome_pass = start
+        layer._tome_key_hook = capture_keys(
+            attention.key, state, to_heads=functools.partial(_split_heads, head_dim=attention.attention_head_size))
+        layer.__class__ = _tome_subclass(type(layer), _ToMeBertLayer)
+    model._tome_state = state
+    model._tome_pass = start
+    model._tome_mask_hook = model.register_forward_pre_hook(_begin_pass, with_kwargs=True)
+    return model
+
+
+def remove_bert(model: nn.Module) -> None:
+    """Undo ``patch_bert`` on ``model``."""
+    for layer in model.encoder.layer:
+        original = getattr(type(layer), "_tome_original_class", None)
+        if original is not None:
+            layer._tome_key_hook.remove()
+            layer.__class__ = original
+            del layer._tome_state, layer._tome_index, layer._tome_pass, layer._tome_key_hook
+    model._tome_mask_hook.remove()
+    del model._tome_state, model._tome_pass, model._tome_mask_hook
+
+
+def mean_pool(model: nn.Module, hidden_states: Tensor) -> Tensor:
+    """(B, C) mean of the current tokens of the last forward pass, each weighted by its size
+    (the input tokens it stands for) and padding left out; the sentence-transformers mean
+    pooling of the unmerged tokens, up to rounding. Returned in ``hidden_states``' dtype."""
+    from . import get_state
+
+    state = get_state(model)
+    if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be a (B, N, C) tensor, got "
+                         f"{tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__}")
+    weights = state.valid_weights()
+    if weights is None:
+        return hidden_states.mean(dim=1)
+    if weights.shape[:2] != hidden_states.shape[:2]:
+        raise ValueError(f"hidden_states has (B, N) = {tuple(hidden_states.shape[:2])} but the model's last forward "
+                         f"pass ended with {tuple(weights.shape[:2])} tokens: pool the output of that pass")
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    weights = weights.to(device=hidden_states.device, dtype=dtype)
+    pooled = (hidden_states.to(dtype) * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return pooled.to(hidden_states.dtype)
