@@ -125,7 +125,13 @@ def test_bad_models_and_arguments():
         tome_patch.timm(make_model(), 4, backend="nope")
     with pytest.raises(TypeError, match="backend must be a str"):
         tome_patch.timm(make_model(), 4, backend=None)
+    checkpointed = make_model()
+    checkpointed.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        tome_patch.timm(checkpointed, 4)
     patched = tome_patch.timm(make_model(), 4)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        patched.set_grad_checkpointing(True)
     with pytest.raises(ValueError, match="takes no attn_mask"):
         patched.forward_features(images(), attn_mask=torch.zeros(1))
     with pytest.raises(ValueError, match="not patched"):

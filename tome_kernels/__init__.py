@@ -4,6 +4,7 @@ Importing this package does no GPU work and never fails for want of a backend: a
 that cannot load records why (see ``available_backends()``).
 """
 
+from . import patch
 from .api import bipartite_match, bipartite_merge
 from .backends import ENV_VAR, BackendFallbackWarning, BackendStatus, available_backends, register_backend
 from .plan import MergePlan
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "bipartite_merge",
     "bipartite_match",
+    "patch",
     "MergePlan",
     "available_backends",
     "BackendStatus",

@@ -46,8 +46,17 @@ class _ToMeBlock:
         return x
 
 
+_NO_CHECKPOINTING = ("gradient checkpointing recomputes blocks in the backward pass, which would replay "
+                     "the merges on the wrong sizes; turn it off to use ToMe")
+
+
 class _ToMeVisionTransformer:
     """Average pooling weighted by size: a merged token stands for all its patches."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise ValueError(_NO_CHECKPOINTING)
+        super().set_grad_checkpointing(False)
 
     def pool(self, x: Tensor, pool_type=None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -72,6 +81,8 @@ def _check_model(model: nn.Module) -> List[nn.Module]:
         raise ValueError(f"model pools with attention (global_pool={model.global_pool!r}), which ToMe does not weight by size")
     if model.global_pool not in ("token", "avg", "max", ""):
         raise ValueError(f"model.global_pool={model.global_pool!r}: supported are 'token', 'avg', 'max' and ''")
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError(f"model has {_NO_CHECKPOINTING}")
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
         if not isinstance(block, Block) or not isinstance(block.attn, Attention):
