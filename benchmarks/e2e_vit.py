@@ -1,0 +1,348 @@
+"""End-to-end throughput of timm ViTs, unpatched and with ToMe through each merge backend.
+
+    python -m benchmarks.e2e_vit                                   # defaults for this device
+    python -m benchmarks.e2e_vit --models vit_b16_224 --batch 64 --providers unpatched reference auto
+
+For each model (random weights, eval mode, inference mode) and provider: the median forward
+time, images per second, the speed-up over the unpatched model and over ToMe through the
+``reference`` backend, the time spent merging and its share of the forward time, the tokens
+left after the last block and how far the logits are from ToMe through ``reference``.
+Providers: ``unpatched`` (plain timm), ``tome_reference``, and ``tome_<backend>`` for the
+backend ``auto`` picks here (plus, on a GPU, every other fast backend that can run). Raw
+timings, device, versions and commit go to benchmarks/results/e2e_<device>_<time>.json.
+
+Merge share: the first, untimed forward pass of each patched model (an extra eager one under
+--compile) records every block's merge inputs (tokens, keys, sizes, r); each block's merge is
+then re-run alone, with the same backend and timer, and the sum of the per-block medians is
+divided by the median forward time. On a GPU the timer flushes L2 before every call, so
+these merges run cache-cold, while inside the forward pass their inputs may still partly sit
+in L2: the share is, if anything, an overestimate.
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+import tome_kernels
+import tome_kernels.patch
+from tome_kernels.backends import select_backend
+
+from .measure import environment, time_fn
+from .providers import unavailable_reason
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_STAND_INS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "stand_ins")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model with random weights, its input resolution, r and batch sizes.
+
+    ``r`` is the default per block; every block clamps it to what its token count allows.
+    """
+
+    timm_name: str
+    img_size: int
+    r: int
+    gpu_batch: int
+    cpu_batch: int
+    kwargs: Dict = field(default_factory=dict)
+
+
+# ViT-B/16 at 224: 197 tokens, 12 blocks; r = 16 is ToMe's usual setting: the last block is
+# clamped to (21 - 1) // 2 = 10 and 11 tokens remain. ViT-L/16 at 512 (timm's 384 model built
+# at 512, 1025 tokens, 24 blocks): r = 40 merges 960 tokens without any clamp (the last block
+# has 105 tokens, (105 - 1) // 2 = 52 >= 40) and 65 remain; it is also benchmarks.run's shape.
+MODELS: Dict[str, ModelSpec] = {
+    "vit_b16_224": ModelSpec("vit_base_patch16_224", 224, r=16, gpu_batch=256, cpu_batch=4),
+    "vit_l16_512": ModelSpec("vit_large_patch16_384", 512, r=40, gpu_batch=32, cpu_batch=1, kwargs={"img_size": 512}),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e_vit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", default=None, help=f"default: all ({', '.join(MODELS)})")
+    p.add_argument("--batch", type=int, help="images per forward pass for every model (default: per model and device)")
+    p.add_argument("--full-size", action="store_true", help="use the GPU batch sizes even on a CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on a GPU, float32 on a CPU")
+    p.add_argument("--r", type=int, help="tokens merged per block for every model (default: per model)")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="unpatched, reference, auto, or backend names (tome_ prefix optional); default: unpatched, "
+                        "reference, auto, and on a GPU every other fast backend that can run")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before timing, after the checking pass (default: 3 on a GPU, 0 on a CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed forward passes (default: 30 on a GPU, 3 on a CPU)")
+    p.add_argument("--merge-reps", type=int, default=None,
+                   help="timed calls of each block's merge (default: max(reps, 5))")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="CPU: keep sampling forward passes until this long")
+    p.add_argument("--compile", action="store_true", help="time each provider's model under torch.compile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=RESULTS_DIR, help="where the JSON goes")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    return p.parse_args(argv)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _import_timm():
+    # timm imports torchvision; where it cannot (the CPU-only torch in CI) a stand-in that only
+    # lets timm import is used, exactly as the tests do.
+    if importlib.util.find_spec("torchvision") is None and _STAND_INS not in sys.path:
+        sys.path.insert(0, _STAND_INS)
+    import timm
+
+    return timm
+
+
+def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    timm = _import_timm()
+    torch.manual_seed(seed)
+    model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+    return model.eval().to(device=device, dtype=dtype)
+
+
+def expected_tokens(num_tokens: int, r_per_block: List[int], protected: int) -> int:
+    """Tokens left after every block merged its r, each clamped to (N - protected) // 2."""
+    for r in r_per_block:
+        num_tokens -= max(min(r, (num_tokens - protected) // 2), 0)
+    return num_tokens
+
+
+def _resolve_providers(requested: Optional[List[str]], device: torch.device, dtype: torch.dtype) -> List[Dict]:
+    """Each provider as {"name", "backend"}; backend None for the unpatched model. A backend
+    that cannot run here gets a "reason" instead of being dropped, so the table says why."""
+    sample = [torch.empty(1, 4, 8, device=device, dtype=dtype), torch.empty(1, 2, 4, 8, device=device, dtype=dtype)]
+    auto = select_backend("auto", sample).name
+    if requested is None:
+        requested = ["unpatched", "reference", "auto"]
+        if device.type == "cuda":
+            requested += [n for n, s in tome_kernels.available_backends().items()
+                          if n != "reference" and s.available and not unavailable_reason(n, {"t": sample[0]})]
+    known = list(tome_kernels.available_backends())
+    out: List[Dict] = []
+    for item in requested:
+        name = item[len("tome_"):] if item.startswith("tome_") else item
+        if name == "auto":
+            name = auto
+        elif name != "unpatched" and name not in known:
+            raise SystemExit(f"unknown provider {item!r}; known: unpatched, auto, {', '.join(known)}")
+        provider = "unpatched" if name == "unpatched" else f"tome_{name}"
+        if any(p["name"] == provider for p in out):
+            continue
+        entry = {"name": provider, "backend": None if name == "unpatched" else name, "auto": name == auto}
+        if name not in ("unpatched", "reference"):
+            entry["reason"] = unavailable_reason(name, {"x": sample[0], "keys": sample[1]})
+        out.append(entry)
+    return out
+
+
+def record_merges(model: torch.nn.Module, images: torch.Tensor):
+    """One forward pass of a patched model that keeps every block's merge inputs; returns
+    the output and the inputs, one dict per merge."""
+    state = tome_kernels.patch.get_state(model)
+    calls: List[Dict] = []
+    merge = state.merge
+
+    def recording_merge(x, r):
+        calls.append({"x": x, "keys": state.keys, "size": state.size, "r": r})
+        return merge(x, r)
+
+    state.merge = recording_merge
+    try:
+        output = model(images)
+    finally:
+        del state.merge  # back to the class's method
+    return output, calls
+
+
+def time_merges(calls: List[Dict], state, backend: str, device, warmup: int, reps: int) -> List[List[float]]:
+    """Seconds per call of each recorded block's merge, re-run alone with ``backend``."""
+    flags = dict(class_token=state.class_token, distill_token=state.distill_token, backend=backend)
+    per_block = []
+    for c in calls:
+        def step(c=c):
+            return tome_kernels.bipartite_merge(c["x"], c["keys"], c["r"], c["size"], **flags)
+
+        per_block.append(time_fn(step, device, warmup, reps, 0.0))
+    return per_block
+
+
+def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: int, device, args, settings) -> Dict:
+    batch = images.shape[0]
+    row = {"model": spec_name, "timm_name": spec.timm_name, "img_size": spec.img_size, "batch": batch,
+           "provider": provider["name"], "backend": provider["backend"], "auto": provider["auto"],
+           "r": None if provider["backend"] is None else r}
+    if provider.get("reason"):
+        return {**row, "status": "unavailable", "reason": provider["reason"]}
+    tome = provider["backend"] is not None
+    try:
+        if tome:
+            tome_kernels.patch.timm(model, r, backend=provider["backend"])
+        else:
+            tome_kernels.patch.remove(model)
+        if args.compile:
+            torch._dynamo.reset()  # each provider is its own model to dynamo: no recompile limits
+        runner = torch.compile(model) if args.compile else model
+        calls = None
+        if tome and not args.compile:
+            # The checking pass (logits, tokens) records the merges too, and warms up.
+            output, calls = record_merges(model, images)
+        else:
+            output = runner(images)  # the checking pass: compiles if it does, warms up
+        logits = output.float().cpu()
+        if tome:
+            state = tome_kernels.patch.get_state(model)
+            if calls is None:  # under torch.compile: record eagerly, the merges are timed alone anyway
+                calls = record_merges(model, images)[1]
+            protected = int(state.class_token) + int(state.distill_token)
+            row.update(r_per_block=list(state.r), tokens_per_block=[c["x"].shape[1] for c in calls],
+                       tokens_in=state.num_input_tokens,
+                       tokens_last_block=state.num_input_tokens if state.size is None else state.size.shape[1],
+                       tokens_expected=expected_tokens(state.num_input_tokens, state.r, protected))
+            per_block = time_merges(calls, state, provider["backend"], device, settings["warmup"] + 1,
+                                    settings["merge_reps"])
+            del calls  # on a GPU, every block's inputs: give the memory back before timing
+            row.update(merge_times_s=per_block, merge_s=sum(statistics.median(t) for t in per_block))
+        times = time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"], args.min_seconds)
+    except Exception as exc:  # one provider failing must not lose the rest of the table
+        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    median = statistics.median(times)
+    row.update(status="ok", times_s=times, median_s=median, images_per_s=batch / median, logits=logits)
+    if tome:
+        row["merge_share"] = row["merge_s"] / median
+    return row
+
+
+def _max_abs_diff(row: Dict, other: Optional[Dict]) -> Optional[float]:
+    return None if other is None else (row["logits"] - other["logits"]).abs().max().item()
+
+
+def _add_comparisons(rows: List[Dict]) -> None:
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    unpatched, ref = ok.get("unpatched"), ok.get("tome_reference")
+    for r in ok.values():
+        r["speedup_vs_unpatched"] = unpatched["median_s"] / r["median_s"] if unpatched else None
+        r["speedup_vs_tome_reference"] = ref["median_s"] / r["median_s"] if ref else None
+        r["logits_max_abs"] = r["logits"].abs().max().item()
+        if r["backend"] is not None:
+            r["logits_max_abs_diff_vs_tome_reference"] = _max_abs_diff(r, ref)
+        r["logits_max_abs_diff_vs_unpatched"] = _max_abs_diff(r, unpatched)
+    for r in ok.values():
+        del r["logits"]
+
+
+def run(args: argparse.Namespace) -> Dict:
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_gpu else torch.float32)
+    reps = args.reps or (30 if on_gpu else 3)
+    settings = {"dtype": str(dtype).replace("torch.", ""), "reps": reps,
+                "warmup": args.warmup if args.warmup is not None else (3 if on_gpu else 0),
+                "merge_reps": args.merge_reps or max(reps, 5), "min_seconds": args.min_seconds,
+                "compile": args.compile, "seed": args.seed,
+                "timer": "cuda events, L2 flushed before each call" if on_gpu else "time.perf_counter",
+                "merge_timing": "each block's merge re-run alone on the inputs recorded in one eager forward pass; "
+                                "share = sum of per-block medians / median forward time"}
+    names = args.models or list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    providers = _resolve_providers(args.providers, device, dtype)
+    rows: List[Dict] = []
+    with torch.inference_mode():
+        for name in names:
+            spec = MODELS[name]
+            batch = args.batch or (spec.gpu_batch if on_gpu or args.full_size else spec.cpu_batch)
+            r = spec.r if args.r is None else args.r
+            _log(f"{name}: building {spec.timm_name} (img_size {spec.img_size}, random weights) in {settings['dtype']}")
+            model = build_model(spec, device, dtype, args.seed)
+            g = torch.Generator(device="cpu").manual_seed(args.seed)
+            images = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g).to(device, dtype)
+            group = []
+            for i, provider in enumerate(providers):
+                _log(f"[{i + 1}/{len(providers)}] {name} B={batch} {provider['name']}")
+                group.append(_measure(name, spec, model, images, provider, r, device, args, settings))
+            _add_comparisons(group)
+            rows += group
+            del model, images
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(device),
+        "settings": settings,
+        "rows": rows,
+    }
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    """``spec`` as in format(); a trailing "x" marks a ratio."""
+    if value is None:
+        return "-"
+    return format(value, spec[:-1]) + "x" if spec.endswith("x") else format(value, spec)
+
+
+def format_table(results: Dict) -> str:
+    s = results["settings"]
+    lines = [
+        f"device: {results['device']['name']} | torch {results['versions']['torch']} | dtype {s['dtype']} | "
+        f"median of {s['reps']} forward passes{' | torch.compile' if s['compile'] else ''}",
+        "",
+        "| model | B | provider | r | median ms | images/s | vs unpatched | vs tome_reference | merge ms | merge % "
+        "| tokens out | max abs logit diff vs tome_reference |",
+        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results["rows"]:
+        head = f"| {r['model']} | {r['batch']} | {r['provider']} | {_fmt(r['r'], 'd')} |"
+        if r["status"] != "ok":
+            lines.append(head + f" {r['status']}: {r['reason']} |" + " |" * 7)
+            continue
+        merge = r.get("merge_s")
+        cells = [
+            f"{r['median_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
+            _fmt(r["speedup_vs_unpatched"], ".2fx"), _fmt(r["speedup_vs_tome_reference"], ".2fx"),
+            _fmt(None if merge is None else merge * 1e3, ".2f"),
+            _fmt(None if merge is None else r["merge_share"] * 100, ".1f"),
+            _fmt(r.get("tokens_last_block"), "d"), _fmt(r.get("logits_max_abs_diff_vs_tome_reference"), ".2e"),
+        ]
+        lines.append(head + "".join(f" {c} |" for c in cells))
+    return "\n".join(lines)
+
+
+def save(results: Dict, out_dir: str) -> str:
+    """benchmarks/results/e2e_<device type>_<device name>_<UTC time>.json, as benchmarks.run names its files."""
+    os.makedirs(out_dir, exist_ok=True)
+    device = re.sub(r"[^a-z0-9]+", "-", results["device"]["name"].lower()).strip("-")
+    stamp = results["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = os.path.join(out_dir, f"e2e_{results['device']['type']}_{device}_{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return path
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    results = run(args)
+    results["command"] = " ".join(["python -m benchmarks.e2e_vit"] + (sys.argv[1:] if argv is None else list(argv)))
+    results["arguments"] = vars(args)
+    print(format_table(results))
+    if not args.no_save:
+        print(f"saved {save(results, args.out)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
