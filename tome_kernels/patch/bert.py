@@ -7,12 +7,11 @@ key projection hands the keys (B, H, N, Dh) to the merge. [CLS] is token 0 and i
 merged away.
 
 Padding: a forward pre-hook on the model reads the 2-D ``attention_mask`` and starts the
-pass with size 1 at real tokens and ``PADDING_SIZE`` at padded ones. Padded tokens take part
-in the matching like any other, but with that tiny size they leave whatever they merge into
-unchanged (to about 1e-6), a real token merged into a padded slot makes it real, and after
-the first merge the attention mask is rebuilt from the sizes, so padding is never attended
-to nor pooled. What padding does change is which merges happen: a padded row spends some of
-its r per layer on padding, so it merges fewer real tokens than the same sentence alone.
+pass with size 1 at real tokens and ``PADDING_SIZE`` at padded ones. The merge then keeps
+padding out of the matching (NaN keys: never a source before the real tokens, never a
+destination) and moves the real tokens ahead of the padding after each merge, so a sentence
+in a padded batch merges exactly as it would alone (tested). After the first merge the
+attention mask is rebuilt from the sizes, so padding is never attended to nor pooled.
 """
 
 import functools
@@ -55,7 +54,8 @@ class _ToMeBertLayer:
                                    "forward pre-hook reads the attention mask), not through model.encoder")
             self._tome_pass.pending = False
         if encoder_hidden_states is not None or past_key_values is not None:
-            raise ValueError("a ToMe-patched BERT is an encoder: encoder_hidden_states and past_key_values must be None")
+            raise ValueError("a ToMe-patched BERT is an encoder: encoder_hidden_states and past_key_values "
+                             "must be None")
         if self.gradient_checkpointing and self.training:
             raise RuntimeError("a ToMe-patched BERT cannot use gradient checkpointing: recomputing a layer would "
                                "merge its tokens a second time")
@@ -68,6 +68,7 @@ class _ToMeBertLayer:
             attention_output = state.merge(attention_output, r)
         else:
             state.keys = None
+        # imported here: tome_kernels.patch must import without transformers installed
         from transformers.pytorch_utils import apply_chunking_to_forward
 
         return apply_chunking_to_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim,
@@ -107,8 +108,9 @@ def _check_model(model) -> List[nn.Module]:
 
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if not isinstance(model, nn.Module) or not isinstance(layers, (nn.ModuleList, list, tuple)) or not layers:
+        hint = " (pass its .bert)" if isinstance(getattr(model, "bert", None), nn.Module) else ""
         raise TypeError(f"model must be a transformers BertModel (a module whose .encoder.layer lists BertLayer), "
-                        f"got {type(model).__name__}")
+                        f"got {type(model).__name__}{hint}")
     config = getattr(model, "config", None)
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError("model is configured as a decoder or with cross-attention (config.is_decoder / "
@@ -194,8 +196,8 @@ def mean_pool(model: nn.Module, hidden_states: Tensor) -> Tensor:
 
     state = get_state(model)
     if not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3:
-        raise ValueError(f"hidden_states must be a (B, N, C) tensor, got "
-                         f"{tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__}")
+        got = tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else type(hidden_states).__name__
+        raise ValueError(f"hidden_states must be a (B, N, C) tensor, got {got}")
     weights = state.valid_weights()
     if weights is None:
         return hidden_states.mean(dim=1)

@@ -14,10 +14,11 @@ from torch import Tensor, nn
 from ..api import bipartite_match, bipartite_merge
 from ..backends import _REGISTRY, requested_backend
 
-# A padded position's size: small enough to leave the tokens it merges into unchanged to
-# about one part in a million, positive so that a group of padding alone averages to a
-# number instead of 0 / 0. A token is real when its size is at least VALID_SIZE: real
-# sizes are whole counts of real tokens, and all the padding of a row sums to far less.
+# A padded position's size. Padding is kept out of the matching (NaN keys), but when a row
+# has fewer real candidates than r, padded A tokens are still merged away (into B token 0, a
+# real token): this size leaves it unchanged to about one part in a million, and being
+# positive, no group averages to 0 / 0. A token is real when its size is at least
+# VALID_SIZE: real sizes are whole counts of real tokens, and a row's padding sums to far less.
 PADDING_SIZE = 1e-6
 VALID_SIZE = 0.5
 
@@ -90,15 +91,39 @@ class ToMeState:
         keys, self.keys = self.keys, None
         if keys is None:
             raise RuntimeError("tome_kernels: the patched attention did not record its keys this pass")
+        if self.padded:
+            keys = self._hide_padding(keys)
         flags = dict(class_token=self.class_token, distill_token=self.distill_token, backend=self.backend)
         if self.trace_source:
             plan = bipartite_match(keys, r, **flags)
             x, self.size = plan.merge_wavg(x, self.size)
-            step = plan.token_map
-            self.token_map = step if self.token_map is None else step.gather(1, self.token_map)
+            self._follow(plan.token_map)
         else:
             x, self.size = bipartite_merge(x, keys, r, self.size, **flags)
+        if self.padded:
+            x = self._real_tokens_first(x)
         self.merged = True
+        return x
+
+    def _follow(self, step: Tensor) -> None:
+        """Compose one step's token map (input row -> output row) into the traced map."""
+        self.token_map = step if self.token_map is None else step.gather(1, self.token_map)
+
+    def _hide_padding(self, keys: Tensor) -> Tensor:
+        """Keys with NaN at padded tokens. By the merge contract a NaN score never wins and a
+        row of them ranks last, so padding neither takes a real token's place among the r
+        merged nor receives one: each row merges its real tokens as it would alone."""
+        padding = (self.size[..., 0] < VALID_SIZE)[:, None, :, None]
+        return keys.masked_fill(padding, float("nan"))
+
+    def _real_tokens_first(self, x: Tensor) -> Tensor:
+        """Move the real tokens ahead of the padding, each group in its order, so that the
+        next block splits a row's real tokens into A and B as it would with no padding."""
+        order = torch.argsort((self.size[..., 0] < VALID_SIZE).to(torch.int8), dim=1, stable=True)
+        x = x.gather(1, order[..., None].expand_as(x))
+        self.size = self.size.gather(1, order[..., None])
+        if self.token_map is not None:
+            self._follow(torch.argsort(order, dim=1))
         return x
 
     def source_matrix(self) -> Tensor:
