@@ -21,10 +21,7 @@ in L2: the share is, if anything, an overestimate.
 
 import argparse
 import datetime
-import importlib.util
-import json
 import os
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -36,12 +33,12 @@ import tome_kernels
 import tome_kernels.patch
 from tome_kernels.backends import select_backend
 
-from .measure import environment, time_fn
+from .measure import environment, save_results, time_fn
 from .providers import unavailable_reason
+from .timm_import import import_timm
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_STAND_INS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "stand_ins")
 
 
 @dataclass(frozen=True)
@@ -97,18 +94,8 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _import_timm():
-    # timm imports torchvision; where it cannot (the CPU-only torch in CI) a stand-in that only
-    # lets timm import is used, exactly as the tests do.
-    if importlib.util.find_spec("torchvision") is None and _STAND_INS not in sys.path:
-        sys.path.insert(0, _STAND_INS)
-    import timm
-
-    return timm
-
-
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    timm = _import_timm()
+    timm = import_timm()
     torch.manual_seed(seed)
     model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
     return model.eval().to(device=device, dtype=dtype)
@@ -323,14 +310,7 @@ def format_table(results: Dict) -> str:
 
 
 def save(results: Dict, out_dir: str) -> str:
-    """benchmarks/results/e2e_<device type>_<device name>_<UTC time>.json, as benchmarks.run names its files."""
-    os.makedirs(out_dir, exist_ok=True)
-    device = re.sub(r"[^a-z0-9]+", "-", results["device"]["name"].lower()).strip("-")
-    stamp = results["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = os.path.join(out_dir, f"e2e_{results['device']['type']}_{device}_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    return path
+    return save_results(results, out_dir, "e2e_")
 
 
 def main(argv=None) -> Dict:

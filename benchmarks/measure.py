@@ -2,8 +2,10 @@
 
 import contextlib
 import gc
+import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -178,3 +180,15 @@ def environment(device: torch.device) -> Dict:
         "host": platform.node(),
         "backends": {name: s.reason or "available" for name, s in tome_kernels.available_backends().items()},
     }
+
+
+def save_results(results: Dict, out_dir: str, prefix: str = "") -> str:
+    """Write ``results`` (with "device" and "created" as ``environment()`` gives them) to
+    <out_dir>/<prefix><device type>_<device name>_<UTC time>.json; returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    device = re.sub(r"[^a-z0-9]+", "-", results["device"]["name"].lower()).strip("-")
+    stamp = results["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = os.path.join(out_dir, f"{prefix}{results['device']['type']}_{device}_{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return path

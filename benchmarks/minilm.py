@@ -9,16 +9,15 @@ unpatched (attention-mask mean pooling, then L2 normalisation: the sentence-tran
 pipeline, checked against ``SentenceTransformer.encode``). Reported per r: the tokens left
 after the last layer (the padded width, and the real tokens per sentence), the cosine between
 patched and unpatched embeddings for the sentences encoded in padded batches and one at a
-time (the two agree: padding does not change which tokens of a sentence merge), and the median time of the forward pass over all sentences, patched and unpatched
-calls interleaved so that a change in the machine's load hits both alike. Raw timings,
+time (the two agree: padding does not change which tokens of a sentence merge), and the
+median time of the forward pass over all sentences, patched and unpatched calls
+interleaved so that a change in the machine's load hits both alike. Raw timings,
 device, versions and commit go to benchmarks/results/minilm_<device>_<time>.json.
 """
 
 import argparse
 import datetime
-import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from .measure import environment  # noqa: E402
+from .measure import environment, save_results  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_R = [0, 1, 2, 3, 4]
@@ -296,14 +295,7 @@ def format_table(results: Dict) -> str:
 
 
 def save(results: Dict, out_dir: str) -> str:
-    """benchmarks/results/minilm_<device type>_<device name>_<UTC time>.json, as benchmarks.run names its files."""
-    os.makedirs(out_dir, exist_ok=True)
-    device = re.sub(r"[^a-z0-9]+", "-", results["device"]["name"].lower()).strip("-")
-    stamp = results["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = os.path.join(out_dir, f"minilm_{results['device']['type']}_{device}_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    return path
+    return save_results(results, out_dir, "minilm_")
 
 
 def main(argv=None) -> None:

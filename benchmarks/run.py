@@ -12,16 +12,14 @@ versions and commit go to benchmarks/results/<device>_<time>.json.
 
 import argparse
 import datetime
-import json
 import os
-import re
 import statistics
 import sys
 from typing import Dict, List, Optional
 
 import torch
 
-from .measure import copy_bandwidth, environment, peak_extra_bytes, rel_err, time_fn
+from .measure import copy_bandwidth, environment, peak_extra_bytes, rel_err, save_results, time_fn
 from .providers import make_inputs, make_step, provider_names, unavailable_reason
 from .shapes import GPU_SHAPES, default_shapes
 
@@ -153,13 +151,7 @@ def format_table(results: Dict) -> str:
 
 
 def save(results: Dict, out_dir: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    device = re.sub(r"[^a-z0-9]+", "-", results["device"]["name"].lower()).strip("-")
-    stamp = results["created"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = os.path.join(out_dir, f"{results['device']['type']}_{device}_{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    return path
+    return save_results(results, out_dir, "")
 
 
 def main(argv=None) -> None:

@@ -9,7 +9,6 @@ names while patched and ``remove`` restores the model exactly.
 
 from typing import List
 
-import torch
 from torch import Tensor, nn
 
 from .schedule import RSchedule, r_per_block
