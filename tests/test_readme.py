@@ -15,3 +15,7 @@ def test_readme_examples_run():
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["x"].shape == (8, 181, 768) and namespace["size"].shape == (8, 181, 1)
     assert namespace["restored"].shape == (8, 197, 768) and namespace["plan"].r == 16
+    # ToMe in a model: the shapes and the FLOP count the README states.
+    assert namespace["logits"].shape == (2, 1000)
+    assert namespace["state"].size.shape == (2, 41, 1) and namespace["state"].token_map.shape == (2, 197)
+    assert round(namespace["gflops"], 3) == 2.706
