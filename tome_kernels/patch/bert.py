@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .schedule import RSchedule, r_per_block
-from .state import PADDING_SIZE, ToMeState, capture_keys, check_backend_name
-from .timm_vit import _tome_subclass
+from .state import PADDING_SIZE, ToMeState, capture_keys, check_backend_name, tome_subclass
 
 # The attention interfaces that take an additive float mask of shape (B, 1, 1, N).
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -169,7 +168,7 @@ def patch_bert(model: nn.Module, r: RSchedule, *, prop_attn: bool = True, backen
         layer._tome_pass = start
         layer._tome_key_hook = capture_keys(
             attention.key, state, to_heads=functools.partial(_split_heads, head_dim=attention.attention_head_size))
-        layer.__class__ = _tome_subclass(type(layer), _ToMeBertLayer)
+        layer.__class__ = tome_subclass(type(layer), _ToMeBertLayer)
     model._tome_state = state
     model._tome_pass = start
     model._tome_mask_hook = model.register_forward_pre_hook(_begin_pass, with_kwargs=True)

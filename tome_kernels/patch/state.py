@@ -136,6 +136,18 @@ class ToMeState:
         return nn.functional.one_hot(self.token_map, self.size.shape[1]).transpose(1, 2).to(torch.float32)
 
 
+_SUBCLASSES = {}
+
+
+def tome_subclass(cls: type, mixin: type) -> type:
+    """The class a patched module takes: ``mixin``'s forward over ``cls``. One per original
+    class, so that isinstance checks keep working and ``remove`` knows what to restore."""
+    key = (cls, mixin)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"ToMe{cls.__name__}", (mixin, cls), {"_tome_original_class": cls})
+    return _SUBCLASSES[key]
+
+
 def capture_keys(module: nn.Module, state: ToMeState, to_heads=None):
     """Hand the output of ``module`` (what an attention makes its keys with) to ``state``,
     so that the merge gets the keys as keys (B, H, N, Dh) and no head-mean is ever
@@ -146,19 +158,3 @@ def capture_keys(module: nn.Module, state: ToMeState, to_heads=None):
         state.keys = keys if to_heads is None else to_heads(keys)
 
     return module.register_forward_hook(hand_over)
-
-
-class KeyCapture(nn.Module):
-    """Wraps the module that produces an attention's keys and hands them to the state, so
-    the merge gets the keys as keys (B, H, N, Dh) and no head-mean is ever materialised."""
-
-    def __init__(self, inner: nn.Module, state: ToMeState, to_heads=None):
-        super().__init__()
-        self.inner = inner
-        self._state = state
-        self._to_heads = to_heads
-
-    def forward(self, x: Tensor) -> Tensor:
-        keys = self.inner(x)
-        self._state.keys = keys if self._to_heads is None else self._to_heads(keys)
-        return keys

@@ -12,18 +12,7 @@ from typing import List
 from torch import Tensor, nn
 
 from .schedule import RSchedule, r_per_block
-from .state import ToMeState, capture_keys, check_backend_name
-
-_SUBCLASSES = {}
-
-
-def _tome_subclass(cls: type, mixin: type) -> type:
-    """One ToMe subclass per original class, so that isinstance checks keep working."""
-    key = (cls, mixin)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"ToMe{cls.__name__}", (mixin, cls), {"_tome_original_class": cls})
-    return _SUBCLASSES[key]
-
+from .state import ToMeState, capture_keys, check_backend_name, tome_subclass
 
 class _ToMeBlock:
     """timm's Block.forward with the merge between attention and MLP."""
@@ -123,9 +112,9 @@ def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, pr
         block._tome_state = state
         block._tome_index = index
         block._tome_key_hook = capture_keys(block.attn.k_norm, state)
-        block.__class__ = _tome_subclass(type(block), _ToMeBlock)
+        block.__class__ = tome_subclass(type(block), _ToMeBlock)
     model._tome_state = state
-    model.__class__ = _tome_subclass(type(model), _ToMeVisionTransformer)
+    model.__class__ = tome_subclass(type(model), _ToMeVisionTransformer)
     return model
 
 
