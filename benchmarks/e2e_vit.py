@@ -32,6 +32,7 @@ import torch
 import tome_kernels
 import tome_kernels.patch
 from tome_kernels.backends import select_backend
+from tome_kernels.reference import clamp_r
 
 from .measure import environment, save_results, time_fn
 from .providers import unavailable_reason
@@ -104,7 +105,7 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
 def expected_tokens(num_tokens: int, r_per_block: List[int], protected: int) -> int:
     """Tokens left after every block merged its r, each clamped to (N - protected) // 2."""
     for r in r_per_block:
-        num_tokens -= max(min(r, (num_tokens - protected) // 2), 0)
+        num_tokens -= clamp_r(r, num_tokens, protected >= 1, protected >= 2)
     return num_tokens
 
 

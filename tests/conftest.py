@@ -1,22 +1,20 @@
-import importlib.util
 import os
-import sys
 
 # Triton's interpreter must be chosen before any @triton.jit function is defined, so that
 # the Triton backend can run on CPU tensors in CI; a GPU run sets TOME_TEST_DEVICE=cuda.
 if os.environ.get("TOME_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# timm imports torchvision, which has no build for the CPU torch here: a stand-in that only
-# lets timm import is used when (and only when) the real one is missing.
-if importlib.util.find_spec("torchvision") is None:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "stand_ins"))
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from benchmarks.timm_import import use_stand_in_if_needed  # noqa: E402
 from tome_kernels import backends  # noqa: E402
+
+# timm imports torchvision, which has no build for the CPU torch here: a stand-in that only
+# lets timm import is used when (and only when) the real one is missing.
+use_stand_in_if_needed()
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=1000, deadline=None)

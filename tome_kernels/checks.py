@@ -90,3 +90,15 @@ def check_merge_inputs(x, metric, r, size, class_token, distill_token) -> int:
     check_tokens("x", x, batch, tokens, metric.device, "(B, N, C)")
     check_size(size, batch, tokens, metric.device)
     return r
+
+
+def check_int_pair(name: str, value) -> Tuple[int, int]:
+    """A positive int or (height, width) pair of them, as (height, width)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or \
+            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise TypeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+    if min(value) <= 0:
+        raise ValueError(f"{name} must be positive, got {tuple(value)}")
+    return int(value[0]), int(value[1])

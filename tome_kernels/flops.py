@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .checks import check_int_pair
+
 ImageSize = Union[int, Sequence[int]]
 
 # FlopCounterMode counts a multiply-add as two FLOPs; the reported unit is 1e9 multiply-adds.
@@ -83,30 +85,19 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a timm VisionTransformer (ViT, DeiT), got {type(model).__name__}")
 
 
-def _pair(name: str, value) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or \
-            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise TypeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
-    if min(value) <= 0:
-        raise ValueError(f"{name} must be positive, got {tuple(value)}")
-    return int(value[0]), int(value[1])
-
-
 def _resolve_img_size(model: nn.Module, img_size: Optional[ImageSize]) -> Tuple[int, int]:
     """The (H, W) to count at, checked against what the model's patch embedding accepts."""
     embed = model.patch_embed
-    native = None if embed.img_size is None else _pair("model.patch_embed.img_size", tuple(embed.img_size))
+    native = None if embed.img_size is None else check_int_pair("model.patch_embed.img_size", tuple(embed.img_size))
     if img_size is None:
         if native is None:
             raise ValueError("img_size is required: the model was built without a fixed image size")
         return native
-    size = _pair("img_size", img_size)
+    size = check_int_pair("img_size", img_size)
     if native is not None and size != native and not getattr(model, "dynamic_img_size", False):
         raise ValueError(f"img_size={size}: the model was built for {native} only; create it with "
                          "dynamic_img_size=True to count other sizes")
-    patch = _pair("model.patch_embed.patch_size", tuple(embed.patch_size))
+    patch = check_int_pair("model.patch_embed.patch_size", tuple(embed.patch_size))
     if not getattr(embed, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
         raise ValueError(f"img_size={size} is not a multiple of the patch size {patch}")
     return size

@@ -12,10 +12,12 @@ at the resolution the model saw. Pillow is needed only to read PIL images and to
 
 import os
 import sys
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .checks import check_int_pair
 
 PatchSize = Union[int, Sequence[int]]
 Colour = Optional[Sequence[int]]
@@ -52,17 +54,6 @@ def _pixels(image) -> Tensor:
     if image.numel() and not (image.isfinite().all() and image.min() >= 0 and image.max() <= 1):
         raise ValueError("a floating-point image must hold values in [0, 1] (undo the model's normalisation first)")
     return image * 255
-
-
-def _patch_size(patch_size: PatchSize) -> Tuple[int, int]:
-    if isinstance(patch_size, int) and not isinstance(patch_size, bool):
-        patch_size = (patch_size, patch_size)
-    if not isinstance(patch_size, (tuple, list)) or len(patch_size) != 2 or \
-            any(isinstance(p, bool) or not isinstance(p, int) for p in patch_size):
-        raise TypeError(f"patch_size must be an int or a pair of ints, got {patch_size!r}")
-    if min(patch_size) <= 0:
-        raise ValueError(f"patch_size must be positive, got {tuple(patch_size)}")
-    return int(patch_size[0]), int(patch_size[1])
 
 
 def _one_token_map(token_map, index: Optional[int]) -> Tensor:
@@ -125,7 +116,7 @@ def render_merge(image, token_map: Tensor, patch_size: PatchSize, *, index: Opti
     """
     pixels = _pixels(image)
     token_map = _one_token_map(token_map, index)
-    patch_h, patch_w = _patch_size(patch_size)
+    patch_h, patch_w = check_int_pair("patch_size", patch_size)
     colour = _outline_colour(outline)
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
