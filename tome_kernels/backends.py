@@ -9,13 +9,17 @@ a backend asked for by name that has reasons raises them all in one message.
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import energy, partition, reference
+from .partition import Partition
 from .reference import MatchResult
+
+# A plan is a bipartite matching (ToMe) or a general partition (the later methods).
+Plan = Union[MatchResult, Partition]
 
 ENV_VAR = "TOME_KERNELS_BACKEND"
 
@@ -63,13 +67,25 @@ class Backend:
     def match(self, metric: Tensor, r: int, class_token: bool, distill_token: bool) -> MatchResult:
         return reference.match(metric, r, class_token, distill_token)
 
-    def merge_wavg(self, plan: MatchResult, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def assign(self, metric: Tensor, roles: Tensor, window: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Each source token's best destination: ``partition.assign``."""
+        return partition.assign(metric, roles, window)
+
+    def energy(self, metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
+        """PiToMe's energy of every token: ``energy.energy``."""
+        return energy.energy(metric, margin, alpha, shifted)
+
+    def merge_wavg(self, plan: Plan, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if isinstance(plan, Partition):
+            return partition.merge_wavg(plan, x, size)
         return reference.merge_wavg(plan, x, size)
 
-    def merge(self, plan: MatchResult, x: Tensor, mode: str) -> Tensor:
+    def merge(self, plan: Plan, x: Tensor, mode: str) -> Tensor:
+        if isinstance(plan, Partition):
+            return partition.merge(plan, x, mode)
         return reference.merge(plan, x, mode)
 
-    def unmerge(self, plan: MatchResult, y: Tensor) -> Tensor:
+    def unmerge(self, plan: Plan, y: Tensor) -> Tensor:
         return reference.unmerge(plan, y)
 
     def bipartite_merge(self, x, metric, r, size, class_token, distill_token) -> Tuple[Tensor, Tensor]:

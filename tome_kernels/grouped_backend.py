@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backends import Backend
+from .backends import Backend, Plan
 from .reference import MatchResult
 
 
@@ -50,9 +50,10 @@ class GroupedBackend(Backend):
         src, dst, unm, token_map, members, row_start = self._match_op(metric, r, class_token, distill_token)
         return MatchResult(r, src, dst, unm, token_map, class_token, distill_token, (members, row_start))
 
-    def _groups(self, plan: MatchResult) -> Tuple[Tensor, Tensor]:
-        """The plan's groups; for a plan the reference made, derived from its token map
-        (members sorted by output row, in token order within a row)."""
+    def _groups(self, plan: Plan) -> Tuple[Tensor, Tensor]:
+        """The plan's groups; for a plan made without them (by the reference, or a general
+        partition), derived from its token map: members sorted by output row, in token
+        order within a row."""
         if plan.groups is not None:
             return plan.groups
         token_map = plan.token_map
@@ -61,19 +62,19 @@ class GroupedBackend(Backend):
         row_start = torch.searchsorted(token_map.gather(1, members), rows.expand(token_map.shape[0], -1).contiguous())
         return members.to(torch.int32), row_start.to(torch.int32)
 
-    def merge_wavg(self, plan: MatchResult, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def merge_wavg(self, plan: Plan, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if plan.r == 0:
             return reference.merge_wavg(plan, x, size)
         self._load()
         return self._merge_ops().merge_wavg(x, size, *self._groups(plan))
 
-    def merge(self, plan: MatchResult, x: Tensor, mode: str) -> Tensor:
+    def merge(self, plan: Plan, x: Tensor, mode: str) -> Tensor:
         if plan.r == 0:
             return reference.merge(plan, x, mode)
         self._load()
         return self._merge_ops().merge(x, *self._groups(plan), mode)
 
-    def unmerge(self, plan: MatchResult, y: Tensor) -> Tensor:
+    def unmerge(self, plan: Plan, y: Tensor) -> Tensor:
         if plan.r == 0:
             return reference.unmerge(plan, y)
         self._load()

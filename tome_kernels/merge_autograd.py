@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import partition, reference
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,7 @@ def _token_rows(members: Tensor, row_start: Tensor) -> Tensor:
 def _merge_in_torch(x: Tensor, size: Optional[Tensor], members: Tensor, row_start: Tensor, mode: str):
     """The merge of the kernels as differentiable PyTorch ops: (x_out, size_out) for "wavg",
     x_out for the other modes. Only for a backward that must itself be differentiable."""
-    B, _, C = x.shape
-    rows = _token_rows(members, row_start)[..., None]
-    out_shape = (B, row_start.shape[1] - 1)
-    if mode in ("amax", "amin"):
-        return x.new_zeros(*out_shape, C).scatter_reduce(1, rows.expand(-1, -1, C), x, mode, include_self=False)
-    acc = torch.promote_types(reference._accumulation_dtype(x.dtype), reference.size_dtype(size))
-    s = x.new_ones(*x.shape[:2], 1, dtype=acc) if size is None else size.to(acc)
-    total = s.new_zeros(*out_shape, 1).scatter_add(1, rows, s)
-    weighted = x.to(acc) * s if mode == "wavg" else x.to(acc)
-    num = weighted.new_zeros(*out_shape, C).scatter_add(1, rows.expand(-1, -1, C), weighted)
-    if mode == "sum":
-        return num.to(x.dtype)
-    x_out = (num / total).to(x.dtype)
-    return (x_out, total.to(reference.size_dtype(size))) if mode == "wavg" else x_out
+    return partition.merge_by_map(x, size, _token_rows(members, row_start), row_start.shape[1] - 1, mode)
 
 
 def _differentiable_grads(outputs, inputs, grads):

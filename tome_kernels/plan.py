@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from . import checks
-from .backends import Backend
+from .backends import Backend, Plan
 from .reference import MatchResult
 
 # Applies a plan to tensors its own backend cannot run (e.g. float64 with the Triton one).
@@ -15,7 +15,7 @@ _REFERENCE = Backend()
 class MergePlan:
     """Which tokens merge into which, for a batch of B rows of N tokens.
 
-    Made by ``bipartite_match``. Applying it costs no new matching, so one plan can merge
+    Made by ``bipartite_match`` and the other methods' ``*_match`` functions. Applying it costs no new matching, so one plan can merge
     several tensors that share the token axis (features, sizes, positions...).
 
     Attributes:
@@ -25,7 +25,7 @@ class MergePlan:
         backend: name of the backend that made the plan and applies it.
     """
 
-    def __init__(self, match: MatchResult, backend: Backend):
+    def __init__(self, match: Plan, backend: Backend):
         self._match = match
         self._backend = backend
 
@@ -54,8 +54,9 @@ class MergePlan:
         return self._backend.name
 
     @property
-    def match_result(self) -> MatchResult:
-        """The raw index tensors (sources, destinations, kept A tokens, token map)."""
+    def match_result(self) -> Plan:
+        """The raw plan: a ``reference.MatchResult`` (index tensors of a bipartite matching)
+        or a ``partition.Partition`` (token map of a general method)."""
         return self._match
 
     def _backend_for(self, *tensors: Optional[Tensor]) -> Backend:
@@ -85,8 +86,10 @@ class MergePlan:
         return self._backend_for(y).unmerge(self._match, y)
 
     def __repr__(self) -> str:
+        flags = ""
+        if isinstance(self._match, MatchResult):
+            flags = f"class_token={self._match.class_token}, distill_token={self._match.distill_token}, "
         return (
             f"MergePlan(batch_size={self.batch_size}, num_tokens={self.num_tokens}, r={self.r}, "
-            f"class_token={self._match.class_token}, distill_token={self._match.distill_token}, "
-            f"backend={self.backend!r})"
+            f"{flags}backend={self.backend!r})"
         )

@@ -170,6 +170,9 @@ def merge_wavg(plan: MatchResult, x: Tensor, size: Optional[Tensor] = None) -> T
     s = size.to(acc)
     total = _group_reduce(plan, s)
     x_b = (_group_reduce(plan, x.to(acc) * s) / total).to(x.dtype)
+    # A B token nothing merged into is copied: x * s / s can be an ulp off x.
+    alone = _group_reduce(plan, torch.ones_like(s)) == 1
+    x_b = torch.where(alone, x[:, 1::2], x_b)
     x_unm = _gather_rows(x[:, ::2], plan.unm_idx)
     s_unm = _gather_rows(s[:, ::2], plan.unm_idx)
     x_out = _assemble(x_unm, x_b, plan.distill_token)

@@ -68,3 +68,11 @@ class TritonBackend(GroupedBackend):
 
     def _merge_ops(self):
         return self._ops
+
+    def assign(self, metric, roles, window):
+        self._load()
+        return self._ops.assign(metric, roles, window)
+
+    def energy(self, metric, margin, alpha, shifted):
+        self._load()
+        return self._ops.energy(metric, margin, alpha, shifted)

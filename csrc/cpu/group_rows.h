@@ -39,8 +39,9 @@ struct Groups {
 
   const int32_t* begin(int64_t o) const { return members + row_start[o]; }
   int64_t count(int64_t o) const { return row_start[o + 1] - row_start[o]; }
-  // A kept A token (even position) alone: its row is an exact copy, as in the reference.
-  bool is_copy(int64_t o) const { return count(o) == 1 && *begin(o) % 2 == 0; }
+  // A token alone in its group (a kept token, or a destination nothing merged into): its
+  // row is an exact copy, as in the reference.
+  bool is_copy(int64_t o) const { return count(o) == 1; }
 };
 
 // out[0:C] = src[0:C]. float32 rows go out with non-temporal stores where the hardware has

@@ -71,7 +71,7 @@ struct Group {
   int64_t b, o, start;
   int count;
   int first;  // token of the first member, -1 if none or out of range
-  bool copy;  // a kept A token: copied exactly
+  bool copy;  // a token alone in its group: copied exactly
   bool bad;   // a member out of range: the row is NaN (forward) or skipped (backward)
 };
 
@@ -92,7 +92,7 @@ __device__ __forceinline__ Group load_group(const Groups& g, int64_t row) {
   gr.first = gr.count > 0 ? member(g, gr.b, start) : -1;
   gr.bad = gr.first < 0;
   for (int k = 1; k < gr.count; ++k) gr.bad |= member(g, gr.b, start + k) < 0;
-  gr.copy = gr.count == 1 && gr.first >= 0 && gr.first % 2 == 0;
+  gr.copy = gr.count == 1 && gr.first >= 0;
   return gr;
 }
 

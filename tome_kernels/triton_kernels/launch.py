@@ -15,6 +15,7 @@ from .fused import one_pass_kernel
 from .layout import layout_kernel
 from .match import match_kernel, rank_kernel
 from .merge import MODE_IDS, merge_bwd_kernel, merge_kernel, merge_wavg_bwd_kernel, unmerge_kernel
+from .similarity import assign_kernel, energy_kernel
 
 # Rows of at most this many tokens take the one-pass kernel (match, select and merge in one
 # program per row). Provisional: chosen from the kernels' structure (one 128-token tile of
@@ -215,4 +216,46 @@ def unmerge(y: Tensor, token_map: Tensor) -> Tensor:
         return out
     grid, tiles, options = _row_tiles(B, N, C)
     unmerge_kernel[grid](y, *y.stride(), token_map.contiguous(), out, N, n_out, C, tiles, **options)
+    return out
+
+
+def _similarity_launch(metric: Tensor):
+    """Grid, tiles per batch row, metric arguments and options of the similarity kernels."""
+    B, N = metric.shape[0], metric.shape[-2]
+    strides, H, D = _metric_layout(metric)
+    block_i, block_d = _block(N, 16, 64), _block(D, 16, 128)
+    tiles = triton.cdiv(N, block_i)
+    options = dict(
+        IS_KEYS=metric.dim() == 4, ONE_CHUNK=D <= block_d,
+        BLOCK_I=block_i, BLOCK_J=_block(N, 16, 64), BLOCK_D=block_d, num_warps=4,
+    )
+    return (B * tiles,), tiles, (metric, *strides), (N, H, D, tiles), options
+
+
+def assign(metric: Tensor, roles: Tensor, window: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(best (B, N) float32, dst (B, N) int64): each source's best destination."""
+    B, N = metric.shape[0], metric.shape[-2]
+    best = torch.empty(B, N, dtype=torch.float32, device=metric.device)
+    dst = torch.empty(B, N, dtype=torch.long, device=metric.device)
+    if B == 0 or N == 0:
+        return best, dst
+    grid, _, metric_args, sizes, options = _similarity_launch(metric)
+    # A (1, N) roles or window tensor is shared by the whole batch: batch stride 0.
+    roles = roles.expand(B, N)
+    window_args = (roles, 0, 0) if window is None else (window, *window.expand(B, N).stride())
+    assign_kernel[grid](
+        *metric_args, roles, *roles.stride(), *window_args, best, dst, *sizes,
+        HAS_WINDOW=window is not None, **options,
+    )
+    return best, dst
+
+
+def energy(metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
+    """(B, N) float32 PiToMe energy of every token."""
+    B, N = metric.shape[0], metric.shape[-2]
+    out = torch.empty(B, N, dtype=torch.float32, device=metric.device)
+    if B == 0 or N == 0:
+        return out
+    grid, _, metric_args, sizes, options = _similarity_launch(metric)
+    energy_kernel[grid](*metric_args, out, float(margin), float(alpha), *sizes, SHIFTED=shifted, **options)
     return out

@@ -6,8 +6,8 @@ element is written by exactly one program in a fixed order, so there are no atom
 results are identical run after run. Accumulation is float32; channels stream through in
 blocks of BLOCK_C contiguous elements (wide loads when the channel stride is 1).
 
-A row whose only member is an A token is a kept token and is copied exactly; a B token's
-row is always a group reduction, even with no sources, as in the reference.
+A row with a single member (a kept token, or a destination nothing merged into) is copied
+exactly, as in the reference; any other row is a group reduction.
 """
 
 import triton
@@ -30,8 +30,7 @@ def _groups(members_ptr, row_start_ptr, b64, o_tile, N, n_out, BLOCK_R: tl.const
     p_start = row_start_ptr + b64 * (n_out + 1) + o_r
     start = tl.load(p_start, mask=m_r, other=0)
     count = tl.load(p_start + 1, mask=m_r, other=0) - start
-    first = tl.load(members_ptr + b64 * N + start, mask=m_r, other=0)
-    copy = (count == 1) & (first % 2 == 0)
+    copy = count == 1
     return o_r, m_r, start, count, copy
 
 

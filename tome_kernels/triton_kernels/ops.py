@@ -127,6 +127,29 @@ def _(y, token_map, members, row_start):
     return y.new_empty(y.shape[0], token_map.shape[1], y.shape[2])
 
 
+@torch.library.custom_op("tome_kernels::triton_assign", mutates_args=())
+def assign(metric: Tensor, roles: Tensor, window: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(best, dst): each source token's best destination (``partition.assign``)."""
+    return launch.assign(metric, roles, window)
+
+
+@assign.register_fake
+def _(metric, roles, window):
+    B, N = metric.shape[0], metric.shape[-2]
+    return metric.new_empty(B, N, dtype=torch.float32), _index(metric, B, N)
+
+
+@torch.library.custom_op("tome_kernels::triton_energy", mutates_args=())
+def energy(metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
+    """(B, N) float32 PiToMe energy (``energy.energy``)."""
+    return launch.energy(metric, margin, alpha, shifted)
+
+
+@energy.register_fake
+def _(metric, margin, alpha, shifted):
+    return metric.new_empty(metric.shape[0], metric.shape[-2], dtype=torch.float32)
+
+
 merge_autograd.register(
     merge_autograd.MergeOps(bipartite_merge, merge_wavg, merge_wavg_backward, merge, merge_backward, unmerge)
 )

@@ -1,0 +1,197 @@
+"""The public functions of the methods beyond ToMe's bipartite matching.
+
+Each makes a ``MergePlan`` (apply it with ``merge_wavg``, ``merge``, ``unmerge``), in three
+steps: roles (``roles.py``), each source's best destination (the backend's fused
+``assign`` kernel), and the plan's layout (``partition.py``): kept tokens in token order,
+sources in their destination's row. Plans are applied by the same merge kernels as ToMe's.
+
+- ``pitome_match`` / ``pitome_merge``: PiToMe's energy-protected merging.
+- ``kth_bipartite_match``, ``random_bipartite_match``: the small variants.
+- ``grid_match``: the 2-D partition of token merging for diffusion models (tomesd).
+- ``window_match``: DSM's local stage, merging within windows of the patch grid.
+"""
+
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import checks, partition, roles
+from .backends import select_backend
+from .plan import MergePlan
+
+# PiToMe's margin at the first block (Tran et al. 2024); the patches lower it with depth.
+PITOME_MARGIN = 0.9
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_generator(generator) -> Optional[torch.Generator]:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _protected(metric, class_token, distill_token) -> int:
+    checks.check_metric(metric)
+    return int(checks.check_flag("class_token", class_token)) + int(checks.check_flag("distill_token", distill_token))
+
+
+def _plan(metric: Tensor, role: Tensor, r: int, backend: str, window: Optional[Tensor] = None) -> MergePlan:
+    impl = select_backend(backend, (metric,))
+    return MergePlan(partition.partition(metric, role, r, window, impl), impl)
+
+
+def pitome_match(
+    metric: Tensor,
+    r: int,
+    *,
+    margin: float = PITOME_MARGIN,
+    alpha: float = 1.0,
+    shifted: bool = False,
+    class_token: bool = False,
+    distill_token: bool = False,
+    backend: str = "auto",
+) -> MergePlan:
+    """PiToMe (Tran et al., NeurIPS 2024): remove ``r`` tokens, protecting informative ones.
+
+    Every token's energy ``mean_j f(cos(k_i, k_j))`` (``tome_kernels.energy``) is computed by
+    a fused kernel; the 2r unprotected tokens of highest energy are mergeable and alternate
+    by energy rank into sources and destinations; every source merges into its most similar
+    destination. All other tokens (low energy, class / distill token) are kept as they are.
+
+    Args:
+        metric: (B, N, D) features or keys (B, H, N, Dh).
+        r: tokens to remove, clamped to (N - protected tokens) // 2.
+        margin: m in f; the paper lowers it with depth, m = 0.9 (1 - l / L) at block l of L.
+        alpha: the scale of f below the margin.
+        shifted: f(x) = x - m above the margin (the authors' code) instead of x (the paper).
+        class_token, distill_token: tokens 0 and 1 are protected.
+    """
+    protected = _protected(metric, class_token, distill_token)
+    r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
+    margin, alpha = _check_float("margin", margin), _check_float("alpha", alpha)
+    checks.check_flag("shifted", shifted)
+    impl = select_backend(backend, (metric,))
+    if r == 0:
+        return MergePlan(partition.identity(metric.shape[0], metric.shape[-2], metric.device), impl)
+    energy = impl.energy(metric, margin, alpha, shifted)
+    role = roles.pitome(energy, r, protected)
+    return MergePlan(partition.partition(metric, role, r, None, impl), impl)
+
+
+def pitome_merge(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    size: Optional[Tensor] = None,
+    **options,
+) -> Tuple[Tensor, Tensor]:
+    """PiToMe's step: ``pitome_match(metric, r, **options)`` then the size-weighted merge of
+    x; returns (x_merged (B, N - r, C), size_merged (B, N - r, 1))."""
+    checks.check_metric(metric)
+    checks.check_tokens("x", x, metric.shape[0], metric.shape[-2], metric.device, "(B, N, C)")
+    checks.check_size(size, metric.shape[0], metric.shape[-2], metric.device)
+    return pitome_match(metric, r, **options).merge_wavg(x, size)
+
+
+def kth_bipartite_match(
+    metric: Tensor, k: int, *, class_token: bool = False, distill_token: bool = False, backend: str = "auto"
+) -> MergePlan:
+    """Every k-th token (after the protected ones) is a destination and every other token
+    merges into its most similar destination: about N / k tokens remain. k <= 1 merges
+    nothing."""
+    protected = _protected(metric, class_token, distill_token)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a Python int (every k-th token is a destination), got {type(k).__name__}: {k!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0 (every k-th token is a destination), got {k}")
+    role, sources = roles.kth(metric.shape[-2], int(k), protected, metric.device)
+    return _plan(metric, role, sources, backend)
+
+
+def random_bipartite_match(
+    metric: Tensor,
+    r: int,
+    *,
+    generator: Optional[torch.Generator] = None,
+    class_token: bool = False,
+    distill_token: bool = False,
+    backend: str = "auto",
+) -> MergePlan:
+    """r unprotected tokens drawn at random (per batch row, from ``generator``) merge into
+    their most similar token among the others. r is clamped as in ToMe, to
+    (N - protected) // 2."""
+    protected = _protected(metric, class_token, distill_token)
+    r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
+    generator = _check_generator(generator)
+    role = roles.random(metric.shape[0], metric.shape[-2], r, protected, generator, metric.device)
+    return _plan(metric, role, r, backend)
+
+
+def grid_match(
+    metric: Tensor,
+    r: int,
+    grid_size,
+    *,
+    stride=(2, 2),
+    random_dst: bool = True,
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> MergePlan:
+    """The 2-D partition of token merging for diffusion (Bolya & Hoffman 2023, "tomesd").
+
+    The N tokens are a (height, width) grid in row-major order. Each ``stride`` (sy, sx)
+    window has one destination, at a random offset (from ``generator``, the same for the
+    whole batch) or, with ``random_dst=False``, its top-left token; every other token is a
+    source. The r sources most similar to a destination merge into it (r is clamped to the
+    number of sources). Merge with ``plan.merge(x, "mean")`` and restore the grid after the
+    attention or MLP with ``plan.unmerge``.
+    """
+    checks.check_metric(metric)
+    r = checks.check_r(r)
+    height, width = checks.check_int_pair("grid_size", grid_size)
+    if height * width != metric.shape[-2]:
+        raise ValueError(f"grid_size {height}x{width} must have N={metric.shape[-2]} tokens (from the metric)")
+    stride = checks.check_int_pair("stride", stride)
+    checks.check_flag("random_dst", random_dst)
+    generator = _check_generator(generator)
+    role, sources = roles.grid(height, width, stride, random_dst, generator, metric.device)
+    return _plan(metric, role, min(r, sources), backend)
+
+
+def window_match(
+    metric: Tensor,
+    r: int,
+    grid_size,
+    *,
+    window=(2, 2),
+    class_token: bool = False,
+    distill_token: bool = False,
+    backend: str = "auto",
+) -> MergePlan:
+    """DSM's spatial stage: merge tokens with their neighbours on the patch grid.
+
+    The tokens after the protected ones are a (height, width) grid in row-major order, cut
+    into whole ``window`` (wy, wx) windows. The top-left token of each window is its
+    destination; of the other tokens of all windows, the r most similar to their own
+    window's destination merge into it (r is clamped to their number). Tokens outside whole
+    windows are kept.
+    """
+    protected = _protected(metric, class_token, distill_token)
+    r = checks.check_r(r)
+    height, width = checks.check_int_pair("grid_size", grid_size)
+    if protected + height * width != metric.shape[-2]:
+        raise ValueError(
+            f"grid_size {height}x{width} plus {protected} protected tokens must make N={metric.shape[-2]} tokens (from the metric)"
+        )
+    window = checks.check_int_pair("window", window)
+    role, ids, sources = roles.windows(height, width, window, protected, metric.device)
+    return _plan(metric, role, min(r, sources), backend, ids)

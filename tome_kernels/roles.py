@@ -1,0 +1,110 @@
+"""How each merging method chooses its sources and destinations: (B or 1, N) int8 roles
+(``partition.KEEP`` / ``SOURCE`` / ``DEST``) and how many sources merge.
+
+Every function here is plain, device-agnostic PyTorch; the heavy part of each method (the
+energy, the assignment) is computed by a backend. ``protected`` is the number of leading
+tokens (class token, distillation token) that every method keeps as they are.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .partition import DEST, KEEP, SOURCE
+
+
+def _roles(batch: int, tokens: int, device) -> Tensor:
+    return torch.full((batch, tokens), KEEP, dtype=torch.int8, device=device)
+
+
+def order_by(values: Tensor, eligible: Tensor) -> Tensor:
+    """(B, N) token indices: eligible tokens first by value, descending (ties to the lower
+    index), then the others."""
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    # A second stable sort moves the ineligible tokens last and keeps the value order.
+    ineligible = (~eligible.expand_as(values)).gather(1, order).to(torch.uint8)
+    return order.gather(1, torch.sort(ineligible, dim=1, stable=True).indices)
+
+
+def pitome(energy: Tensor, k: int, protected: int) -> Tensor:
+    """PiToMe: the 2k unprotected tokens of highest energy are mergeable, alternately A
+    (sources: ranks 0, 2, 4, ...) and B (destinations: ranks 1, 3, 5, ...); the rest are kept."""
+    batch, tokens = energy.shape
+    eligible = torch.arange(tokens, device=energy.device) >= protected
+    order = order_by(energy, eligible)[:, : 2 * k]
+    roles = _roles(batch, tokens, energy.device)
+    roles.scatter_(1, order[:, 0::2], SOURCE)
+    return roles.scatter_(1, order[:, 1::2], DEST)
+
+
+def kth(tokens: int, k: int, protected: int, device) -> Tuple[Tensor, int]:
+    """kth bipartite: after the protected tokens, every k-th token (positions k-1, 2k-1, ...
+    counted from the first unprotected one) is a destination and every other one a source,
+    all merged. Returns (roles (1, N), sources)."""
+    roles = _roles(1, tokens, device)
+    position = torch.arange(tokens - protected, device=device)
+    if k <= 1 or tokens - protected < k:
+        return roles, 0  # every token would be a destination, or none would
+    roles[0, protected:] = torch.where(position % k == k - 1, DEST, SOURCE).to(torch.int8)
+    return roles, int((roles == SOURCE).sum())
+
+
+def random(batch: int, tokens: int, r: int, protected: int, generator: Optional[torch.Generator], device) -> Tensor:
+    """Random bipartite: per batch row, r unprotected tokens drawn at random are sources and
+    all other unprotected tokens destinations."""
+    gen_device = generator.device if generator is not None else device
+    draws = torch.rand(batch, tokens - protected, generator=generator, device=gen_device).to(device)
+    chosen = draws.argsort(dim=1)[:, :r] + protected
+    roles = _roles(batch, tokens, device)
+    roles[:, protected:] = DEST
+    return roles.scatter_(1, chosen, SOURCE)
+
+
+def grid(
+    height: int, width: int, stride: Tuple[int, int], random_dst: bool,
+    generator: Optional[torch.Generator], device,
+) -> Tuple[Tensor, int]:
+    """The 2-D partition of token merging for diffusion (tomesd): tokens in row-major order
+    on a height x width grid; one destination per stride (sy, sx) window, at a random offset
+    drawn from ``generator`` (the same for the whole batch) or at the window's top-left;
+    every other token, the rows and columns left over past the last whole window included,
+    is a source. Returns (roles (1, N), sources)."""
+    sy, sx = stride
+    rows, cols = height // sy, width // sx
+    roles = _roles(1, height * width, device)
+    if rows == 0 or cols == 0:
+        return roles, 0
+    roles[:] = SOURCE
+    if random_dst:
+        gen_device = generator.device if generator is not None else device
+        offset = torch.randint(sy * sx, (rows, cols), generator=generator, device=gen_device).to(device)
+    else:
+        offset = torch.zeros(rows, cols, dtype=torch.long, device=device)
+    row = torch.arange(rows, device=device)[:, None] * sy + offset // sx
+    col = torch.arange(cols, device=device)[None, :] * sx + offset % sx
+    roles[0, (row * width + col).flatten()] = DEST
+    return roles, height * width - rows * cols
+
+
+def windows(height: int, width: int, window: Tuple[int, int], protected: int, device) -> Tuple[Tensor, Tensor, int]:
+    """DSM's local stage: the tokens after the protected ones form a height x width grid cut
+    into whole (wy, wx) windows; each window's top-left token is its destination and its
+    other tokens are sources that may only merge into it. Tokens outside whole windows and
+    protected tokens are kept. Returns (roles (1, N), window ids (1, N) int32, sources)."""
+    wy, wx = window
+    rows, cols = height // wy, width // wx
+    tokens = protected + height * width
+    roles = _roles(1, tokens, device)
+    ids = torch.full((1, tokens), -1, dtype=torch.int32, device=device)
+    if rows == 0 or cols == 0:
+        return roles, ids, 0
+    y = torch.arange(height, device=device)[:, None]
+    x = torch.arange(width, device=device)[None, :]
+    inside = (y < rows * wy) & (x < cols * wx)
+    window_id = torch.where(inside, (y // wy) * cols + x // wx, -1)
+    top_left = inside & (y % wy == 0) & (x % wx == 0)
+    grid_roles = torch.where(top_left, DEST, torch.where(inside, SOURCE, KEEP))
+    roles[0, protected:] = grid_roles.flatten().to(torch.int8)
+    ids[0, protected:] = window_id.flatten().to(torch.int32)
+    return roles, ids, rows * cols * (wy * wx - 1)
