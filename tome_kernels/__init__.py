@@ -1,4 +1,5 @@
-"""tome_kernels: fused token merging (ToMe) for transformers.
+"""tome_kernels: fused token merging for transformers: ToMe, PiToMe, DSM, and merge /
+unmerge for diffusion models.
 
 Importing this package does no GPU work and never fails for want of a backend: a backend
 that cannot load records why (see ``available_backends()``).
@@ -6,6 +7,7 @@ that cannot load records why (see ``available_backends()``).
 
 from . import patch
 from .api import bipartite_match, bipartite_merge
+from .methods import grid_match, kth_bipartite_match, pitome_match, pitome_merge, random_bipartite_match, window_match
 from .backends import ENV_VAR, BackendFallbackWarning, BackendStatus, available_backends, register_backend
 from .plan import MergePlan
 from .reference import MERGE_MODES
@@ -25,6 +27,12 @@ __version__ = "0.1.0"
 __all__ = [
     "bipartite_merge",
     "bipartite_match",
+    "pitome_match",
+    "pitome_merge",
+    "kth_bipartite_match",
+    "random_bipartite_match",
+    "grid_match",
+    "window_match",
     "patch",
     "MergePlan",
     "available_backends",

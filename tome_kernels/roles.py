@@ -47,7 +47,7 @@ def kth(tokens: int, k: int, protected: int, device) -> Tuple[Tensor, int]:
     if k <= 1 or tokens - protected < k:
         return roles, 0  # every token would be a destination, or none would
     roles[0, protected:] = torch.where(position % k == k - 1, DEST, SOURCE).to(torch.int8)
-    return roles, int((roles == SOURCE).sum())
+    return roles, (tokens - protected) - (tokens - protected) // k
 
 
 def random(batch: int, tokens: int, r: int, protected: int, generator: Optional[torch.Generator], device) -> Tensor:
