@@ -9,7 +9,7 @@ past the end of one is reported instead of landing in a neighbour inside a cache
 
 import torch
 
-from tome_kernels import MERGE_MODES, bipartite_match, bipartite_merge
+from tome_kernels import MERGE_MODES, bipartite_match, bipartite_merge, grid_match, pitome_merge, window_match
 from tome_kernels.triton_kernels import launch
 
 
@@ -24,6 +24,11 @@ def run_once(backend, n, heads, d, channels, dtype):
     for mode in MERGE_MODES:
         plan.merge(x, mode).float().sum().backward()
     plan.unmerge(x_out.detach().requires_grad_()).float().sum().backward()
+    # The similarity kernels (energy, assign with and without windows) of the other methods.
+    pitome_merge(x, metric, n // 3, size, class_token=True, backend=backend)[0].float().sum().backward()
+    side = int(n ** 0.5)
+    grid_match(x[:, : side * side].detach(), n // 4, (side, side), backend=backend).merge(x[:, : side * side], "mean")
+    window_match(metric[..., : side * side + 1, :], n // 4, (side, side), class_token=True, backend=backend)
 
 
 def main():
