@@ -122,7 +122,7 @@ def _assert_ok(result):
 
 
 def test_the_cuda_sources_exist():
-    assert set(KERNEL_FILES) >= {"match_cuda.cu", "select_cuda.cu", "merge_cuda.cu"}, KERNEL_FILES
+    assert set(KERNEL_FILES) >= {"match_cuda.cu", "select_cuda.cu", "merge_cuda.cu", "similarity_cuda.cu"}, KERNEL_FILES
     assert os.path.isfile(os.path.join(CUDA_SOURCES, "launchers.h"))
     assert os.path.isfile(os.path.join(CUDA_SOURCES, GLUE_FILE))
 

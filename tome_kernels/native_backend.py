@@ -66,3 +66,13 @@ class NativeBackend(GroupedBackend):
 
     def _merge_ops(self):
         return torch.ops.tome_native
+
+    # The scores only rank tokens and are never differentiated (the reference computes them
+    # under no_grad): the metric goes in detached, so no output carries an autograd history.
+    def assign(self, metric, roles, window):
+        self._load()
+        return torch.ops.tome_native.assign(metric.detach(), roles, window)
+
+    def energy(self, metric, margin, alpha, shifted):
+        self._load()
+        return torch.ops.tome_native.energy(metric.detach(), margin, alpha, shifted)

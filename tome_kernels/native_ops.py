@@ -67,6 +67,15 @@ def _register_fakes() -> None:
     def _(y, token_map, members, row_start):
         return y.new_empty(y.shape[0], token_map.shape[1], y.shape[2])
 
+    @fake("tome_native::assign")
+    def _(metric, roles, window):
+        B, N = metric.shape[0], metric.shape[-2]
+        return metric.new_empty(B, N, dtype=torch.float32), _index(metric, B, N)
+
+    @fake("tome_native::energy")
+    def _(metric, margin, alpha, shifted):
+        return metric.new_empty(metric.shape[0], metric.shape[-2], dtype=torch.float32)
+
 
 def register_once() -> None:
     """Register the fakes and autograd; the schemas must be loaded (``extension_build``)."""

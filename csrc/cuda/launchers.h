@@ -155,4 +155,32 @@ template <typename T>
 cudaError_t launch_unmerge(const T* y, Strides3 sy, int64_t rows_in, int64_t channels, const int64_t* token_map,
                            int64_t batch, int64_t tokens, T* out, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------
+// Row reductions over the token-token cosine similarity: assign, energy (similarity_cuda.cu)
+// ---------------------------------------------------------------------------------------
+
+// Per-token int8 roles (partition.KEEP 0, SOURCE 1, DEST 2) and optional int32 window ids,
+// read as (B, N) through their strides (batch stride 0 when shared by the batch); window is
+// null when not given.
+struct TokenRoles {
+  const int8_t* roles;
+  int64_t roles_stride_b, roles_stride_n;
+  const int32_t* window;
+  int64_t window_stride_b, window_stride_n;
+};
+
+// float32 scratch of both launchers: the unit metric rows (B, N, D).
+inline int64_t similarity_scratch(const MetricView& view) { return view.batch * view.tokens * view.features; }
+
+// best (B, N) float32 and dst (B, N) int64, contiguous: each source's best destination, as
+// partition.assign. N must be below 2^31.
+template <typename T>
+cudaError_t launch_assign(const T* metric, const MetricView& view, const TokenRoles& roles, float* scratch, float* best,
+                          int64_t* dst, cudaStream_t stream);
+
+// energy (B, N) float32, contiguous: PiToMe's energy, as energy.energy. N below 2^31.
+template <typename T>
+cudaError_t launch_energy(const T* metric, const MetricView& view, float margin, float alpha, bool shifted,
+                          float* scratch, float* energy, cudaStream_t stream);
+
 }  // namespace tome_cuda

@@ -347,6 +347,67 @@ Tensor unmerge_cuda(const Tensor& y, const Tensor& token_map, const Tensor& memb
   return out;
 }
 
+// roles (int8) or window (int32): (B, N) or (1, N) on the metric's device, as a (B, N)
+// view (batch stride 0 when shared by the batch).
+Tensor per_token(const Tensor& t, const Tensor& metric, const tome_cuda::MetricView& v, const char* name,
+                 at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device() == metric.device(), "tome_native::assign (CUDA): ", name, " must be on ", metric.device(),
+                    ", got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "tome_native::assign (CUDA): ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && (t.size(0) == v.batch || t.size(0) == 1) && t.size(1) == v.tokens,
+                    "tome_native::assign (CUDA): ", name, " must be (B, N) or (1, N) with B = ", v.batch, " and N = ",
+                    v.tokens, ", got ", t.sizes());
+  return t.expand({v.batch, v.tokens});
+}
+
+std::tuple<Tensor, Tensor> assign_cuda(const Tensor& metric, const Tensor& roles, const std::optional<Tensor>& window) {
+  const tome_cuda::MetricView view = metric_view(metric);
+  const Tensor role = per_token(roles, metric, view, "roles", at::kChar);
+  const std::optional<Tensor> win =
+      window.has_value() ? std::optional<Tensor>(per_token(*window, metric, view, "window", at::kInt)) : std::nullopt;
+  Tensor best = at::empty({view.batch, view.tokens}, metric.options().dtype(at::kFloat));
+  Tensor dst = at::empty({view.batch, view.tokens}, metric.options().dtype(at::kLong));
+  if (view.batch > 0 && view.tokens > 0) {
+    const c10::cuda::CUDAGuard guard(metric.device());
+    Tensor scratch = at::empty({tome_cuda::similarity_scratch(view)}, metric.options().dtype(at::kFloat));
+    const tome_cuda::TokenRoles roles_view{role.const_data_ptr<int8_t>(),
+                                           role.stride(0),
+                                           role.stride(1),
+                                           win ? win->const_data_ptr<int32_t>() : nullptr,
+                                           win ? win->stride(0) : 0,
+                                           win ? win->stride(1) : 0};
+    cudaError_t err = cudaSuccess;
+    dispatch_float(metric.scalar_type(), [&](auto tag) {
+      using T = TOME_ELEMENT(tag);
+      err = tome_cuda::launch_assign<T>(elements<T>(metric), view, roles_view, scratch.data_ptr<float>(),
+                                        best.data_ptr<float>(), dst.data_ptr<int64_t>(), current_stream(metric));
+    });
+    C10_CUDA_CHECK(err);
+  }
+  return {best, dst};
+}
+
+Tensor energy_cuda(const Tensor& metric, double margin, double alpha, bool shifted) {
+  const tome_cuda::MetricView view = metric_view(metric);
+  Tensor energy = at::empty({view.batch, view.tokens}, metric.options().dtype(at::kFloat));
+  if (view.batch > 0 && view.tokens > 0) {
+    const c10::cuda::CUDAGuard guard(metric.device());
+    Tensor scratch = at::empty({tome_cuda::similarity_scratch(view)}, metric.options().dtype(at::kFloat));
+    cudaError_t err = cudaSuccess;
+    dispatch_float(metric.scalar_type(), [&](auto tag) {
+      using T = TOME_ELEMENT(tag);
+      // f is evaluated in float32 with the margin and alpha rounded to float32, as the
+      // reference evaluates it on its float32 similarities.
+      err = tome_cuda::launch_energy<T>(elements<T>(metric), view, static_cast<float>(margin),
+                                        static_cast<float>(alpha), shifted, scratch.data_ptr<float>(),
+                                        energy.data_ptr<float>(), current_stream(metric));
+    });
+    C10_CUDA_CHECK(err);
+  }
+  return energy;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tome_native, CUDA, m) {
@@ -357,4 +418,6 @@ TORCH_LIBRARY_IMPL(tome_native, CUDA, m) {
   m.impl("merge", &merge_cuda);
   m.impl("merge_backward", &merge_backward_cuda);
   m.impl("unmerge", &unmerge_cuda);
+  m.impl("assign", &assign_cuda);
+  m.impl("energy", &energy_cuda);
 }
