@@ -4,26 +4,32 @@
     tome_kernels.patch.timm(model, r=16)        # a timm ViT / DeiT
     tome_kernels.patch.bert(encoder, r=4)       # a Hugging Face BertModel (encoder)
     tome_kernels.patch.mean_pool(encoder, out.last_hidden_state)  # size-weighted, no padding
+    tome_kernels.patch.diffusion(unet, ratio=0.5)   # diffusers BasicTransformerBlocks (tomesd)
     state = tome_kernels.patch.get_state(model) # sizes, source map after a forward pass
     tome_kernels.patch.remove(model)            # back to the original model
 """
+
+from typing import Union
 
 from torch import nn
 
 from .bert import mean_pool
 from .bert import patch_bert as bert
+from .diffusion import DiffusionState
+from .diffusion import patch_diffusion as diffusion
 from .schedule import r_per_block
 from .state import ToMeState
 from .timm_vit import patch_timm as timm
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_tome_state", None), ToMeState)
+    return isinstance(getattr(model, "_tome_state", None), (ToMeState, DiffusionState))
 
 
-def get_state(model: nn.Module) -> ToMeState:
-    """The ToMe state of a patched model: r per block, and after a forward pass the sizes and
-    (with trace_source) the token map of the last batch."""
+def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
+    """The state of a patched model. ToMe (timm, bert): r per block, and after a forward pass
+    the sizes and (with trace_source) the token map of the last batch. Diffusion: the
+    settings and the latent size of the last forward pass."""
     if not is_patched(model):
         raise ValueError(f"model ({type(model).__name__}) is not patched by tome_kernels.patch")
     return model._tome_state
@@ -37,4 +43,4 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["timm", "bert", "mean_pool", "get_state", "remove", "is_patched", "r_per_block", "ToMeState"]
+__all__ = ["timm", "bert", "diffusion", "mean_pool", "get_state", "remove", "is_patched", "r_per_block", "ToMeState"]
