@@ -3,11 +3,14 @@
     python -m benchmarks.run                       # default shapes for this device
     python -m benchmarks.run --shapes vit_b16_224 --providers reference --passes fwd
 
-For each shape and pass (forward, forward+backward) and provider: the median time, the
+For each shape and pass (forward, forward+backward; the methods other than ToMe forward
+only) and provider (those that apply to the shape's method): the median time, the
 fewest bytes the step must move, the achieved bandwidth (and as a share of the copy
 bandwidth measured in the same run), the speed-up over ``reference``, the peak memory beyond
-inputs and outputs, and the relative error against ``reference``. Raw timings, device,
-versions and commit go to benchmarks/results/<device>_<time>.json.
+inputs and outputs, and the relative error against ``reference``; for the other methods
+also how many tokens are grouped as the reference groups them (``method_agreement`` in
+providers.py: near-ties may part). Raw timings, device, versions and commit go to
+benchmarks/results/<device>_<time>.json.
 """
 
 import argparse
@@ -20,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .measure import copy_bandwidth, environment, peak_extra_bytes, rel_err, save_results, time_fn
-from .providers import make_inputs, make_step, provider_names, unavailable_reason
+from .providers import applies, make_inputs, make_step, method_agreement, provider_names, unavailable_reason
 from .shapes import GPU_SHAPES, default_shapes
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -74,13 +77,17 @@ def run(args: argparse.Namespace) -> Dict:
     _log(f"copy bandwidth: {copy_mib} MiB device-to-device copy on {device}")
     copy = copy_bandwidth(device, copy_mib * 1024 * 1024, reps)
     rows: List[Dict] = []
-    total = len(shapes) * len(args.passes) * len(providers)
-    for shape in shapes:
+    plan = [(shape, [p for p in args.passes if p in shape.passes], [p for p in providers if applies(p, shape)])
+            for shape in shapes]
+    total = sum(len(passes) * len(names) for _, passes, names in plan)
+    for shape, passes, names in plan:
+        if not (passes and names):
+            continue
         inputs = make_inputs(shape, device, dtype)
-        for pass_name in args.passes:
+        for pass_name in passes:
             backward = pass_name == "fwd+bwd"
             expected = make_step("reference", shape, inputs, backward)()
-            for provider in providers:
+            for provider in names:
                 _log(f"[{len(rows) + 1}/{total}] {shape.name} B={shape.batch} {pass_name} {provider}")
                 rows.append(_measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args, copy))
             _add_speedups(rows, shape.name, pass_name)
@@ -96,8 +103,9 @@ def run(args: argparse.Namespace) -> Dict:
 
 
 def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args, copy) -> Dict:
-    row = {"shape": shape.name, "batch": shape.batch, "tokens": shape.tokens, "channels": shape.channels,
-           "r": shape.r, "metric": shape.metric_kind, "metric_shape": list(shape.metric_shape),
+    row = {"shape": shape.name, "method": shape.method, "batch": shape.batch, "tokens": shape.tokens,
+           "channels": shape.channels, "r": shape.r, "metric": shape.metric_kind,
+           "metric_shape": list(shape.metric_shape),
            "pass": pass_name, "provider": provider, "dtype": str(dtype).replace("torch.", "")}
     reason = unavailable_reason(provider, inputs)
     if reason:
@@ -105,6 +113,8 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
     try:
         step = make_step(provider, shape, inputs, pass_name == "fwd+bwd")
         row["rel_err_vs_reference"] = rel_err(step(), expected)  # first call: compiles, if it does
+        if shape.method != "tome" and provider != "reference":
+            row.update(method_agreement(provider, shape, inputs))
         times = time_fn(step, device, args.warmup, reps, args.min_seconds)
     except Exception as exc:  # one provider failing must not lose the rest of the table
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
@@ -133,11 +143,12 @@ def format_table(results: Dict) -> str:
         f"device: {results['device']['name']} | torch {results['versions']['torch']} | "
         f"dtype {results['settings']['dtype']} | copy bandwidth {copy['gbps']:.1f} GB/s "
         f"(read + write, median of {len(copy['times_s'])})",
-        f"{'shape':<16}{'B':>5} {'pass':<8}{'provider':<20}{'median ms':>11}{'min MB':>9}{'GB/s':>9}"
-        f"{'% copy':>8}{'speed-up':>9}{'extra MB':>10}{'rel err':>9}",
+        f"{'shape':<20}{'B':>5} {'pass':<8}{'provider':<20}{'median ms':>11}{'min MB':>9}{'GB/s':>9}"
+        f"{'% copy':>8}{'speed-up':>9}{'extra MB':>10}{'rel err':>9}{'same groups':>12}",
     ]
     for r in results["rows"]:
-        head = f"{r['shape']:<16}{r['batch']:>5} {r['pass']:<8}{r['provider']:<20}"
+        agreement = "-" if "plan_agreement" not in r else f"{r['plan_agreement'] * 100:.2f}%"
+        head = f"{r['shape']:<20}{r['batch']:>5} {r['pass']:<8}{r['provider']:<20}"
         if r["status"] != "ok":
             lines.append(head + f"{r['status']}: {r['reason']}")
             continue
@@ -145,7 +156,7 @@ def format_table(results: Dict) -> str:
             head + f"{r['median_s'] * 1e3:>11.3f}{r['min_bytes'] / 1e6:>9.2f}{r['gbps']:>9.2f}"
             f"{r['fraction_of_copy_bw'] * 100:>7.1f}%{_fmt(r.get('speedup_vs_reference'), '>8.2f')}x"
             f"{_fmt(None if r['peak_extra_bytes'] is None else r['peak_extra_bytes'] / 1e6, '>10.2f')}"
-            f"{r['rel_err_vs_reference']:>9.1e}"
+            f"{r['rel_err_vs_reference']:>9.1e}{agreement:>12}"
         )
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import torch
 
 from benchmarks import run
 from benchmarks.measure import peak_extra_bytes, rel_err
+from benchmarks.providers import applies, same_group
 from benchmarks.shapes import CPU_SHAPES, GPU_SHAPES, Shape
 
 
@@ -17,6 +18,11 @@ def test_min_bytes_by_hand():
     assert shape.min_bytes(torch.float16, backward=False) == 160 + 400 + 80 + 112 + 56
     # backward: read grads 112 + 56, x 160, size 80; write grad_x 160, grad_size 80.
     assert shape.min_bytes(torch.float16, backward=True) == 808 + 112 + 56 + 160 + 80 + 160 + 80
+    # The grid step takes no size: x 160 and metric 400 read; merged 2*7*4*2 = 112 and its
+    # unmerge 160 written.
+    grid = Shape("tiny_grid", batch=2, tokens=10, channels=4, r=3, heads=2, feature_dim=5, class_token=False,
+                 method="grid")
+    assert grid.min_bytes(torch.float16, backward=False) == 160 + 400 + 112 + 160
 
 
 def test_named_shapes():
@@ -28,6 +34,23 @@ def test_named_shapes():
     assert full["diffusion"].metric_shape == (2, 4096, 320) and full["diffusion"].r == 2048
     for cpu in CPU_SHAPES:
         assert cpu.tokens == full[cpu.name].tokens and cpu.batch <= full[cpu.name].batch
+    # The other methods at the ViT-B/16 and diffusion sizes, forward only.
+    for method in ("pitome", "kth", "random"):
+        vit, diffusion = full[f"vit_b16_224_{method}"], full[f"diffusion_{method}"]
+        assert vit.metric_shape == full["vit_b16_224"].metric_shape and vit.channels == 768
+        assert diffusion.metric_shape == full["diffusion"].metric_shape and diffusion.channels == 320
+    assert full["diffusion_grid"].grid_size == (64, 64) and full["diffusion_grid"].r == 2048
+    assert full["vit_b16_224_kth"].r == 98  # k = 2 of the 196 tokens after the class token
+    assert {s.passes for s in GPU_SHAPES if s.method != "tome"} == {("fwd",)}
+
+
+def test_same_group_ignores_row_numbers():
+    plan = torch.tensor([[0, 1, 1, 2, 3]])
+    # Token 0 merged elsewhere: rows 1.. shift, yet tokens 3 and 4 keep their groups.
+    other = torch.tensor([[0, 0, 1, 1, 2]])
+    assert same_group(plan, plan).all()
+    assert same_group(plan, other).tolist() == [[False, False, False, False, True]]
+    assert same_group(plan, torch.tensor([[0, 1, 2, 2, 3]])).tolist() == [[True, False, False, False, True]]
 
 
 def test_peak_memory_sees_a_temporary():
@@ -71,6 +94,22 @@ def test_run_saves_raw_results(tmp_path, capsys):
         assert r["speedup_vs_reference"] == 1.0 and r["rel_err_vs_reference"] == 0.0
         assert r["gbps"] == pytest.approx(r["min_bytes"] / r["median_s"] / 1e9)
         assert r["peak_extra_bytes"] is not None
+
+
+def test_run_method_rows(tmp_path):
+    """A method's shape gets the providers that apply to it (backends by name), forward
+    only, checked against the reference's plan."""
+    argv = ["--shapes", "vit_b16_224_kth", "--providers", "cpu", "reference", "reference_compiled", "triton_one_pass",
+            "--reps", "3", "--warmup", "1", "--min-seconds", "0", "--copy-mib", "8", "--out", str(tmp_path)]
+    results = run.run(run.parse_args(argv))
+    assert [(r["shape"], r["method"], r["pass"], r["provider"], r["status"]) for r in results["rows"]] == [
+        ("vit_b16_224_kth", "kth", "fwd", "cpu", "ok"), ("vit_b16_224_kth", "kth", "fwd", "reference", "ok")]
+    cpu, ref = results["rows"]
+    assert cpu["plan_agreement"] == 1.0 and cpu["rel_err_same_plan"] < 1e-6 and cpu["rel_err_vs_reference"] < 1e-6
+    assert "plan_agreement" not in ref and ref["speedup_vs_reference"] == 1.0
+    assert "100.00%" in run.format_table(results)
+    shape = next(s for s in CPU_SHAPES if s.name == "vit_b16_224_kth")
+    assert applies("cpu", shape) and not applies("reference_compiled", shape)
 
 
 def test_run_rejects_unknown_names():

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import checks, partition, roles
-from .backends import select_backend
+from .backends import Backend, select_backend
 from .plan import MergePlan
 
 # PiToMe's margin at the first block (Tran et al. 2024); the patches lower it with depth.
@@ -44,8 +44,7 @@ def _protected(metric, class_token, distill_token) -> int:
     return int(checks.check_flag("class_token", class_token)) + int(checks.check_flag("distill_token", distill_token))
 
 
-def _plan(metric: Tensor, role: Tensor, r: int, backend: str, window: Optional[Tensor] = None) -> MergePlan:
-    impl = select_backend(backend, (metric,))
+def _plan(metric: Tensor, role: Tensor, r: int, impl: Backend, window: Optional[Tensor] = None) -> MergePlan:
     return MergePlan(partition.partition(metric, role, r, window, impl), impl)
 
 
@@ -113,8 +112,9 @@ def kth_bipartite_match(
         raise TypeError(f"k must be a Python int (every k-th token is a destination), got {type(k).__name__}: {k!r}")
     if k < 0:
         raise ValueError(f"k must be >= 0 (every k-th token is a destination), got {k}")
+    impl = select_backend(backend, (metric,))
     role, sources = roles.kth(metric.shape[-2], int(k), protected, metric.device)
-    return _plan(metric, role, sources, backend)
+    return _plan(metric, role, sources, impl)
 
 
 def random_bipartite_match(
@@ -132,8 +132,10 @@ def random_bipartite_match(
     protected = _protected(metric, class_token, distill_token)
     r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
     generator = _check_generator(generator)
+    # Chosen before the draw: a backend that cannot run must not use up the generator.
+    impl = select_backend(backend, (metric,))
     role = roles.random(metric.shape[0], metric.shape[-2], r, protected, generator, metric.device)
-    return _plan(metric, role, r, backend)
+    return _plan(metric, role, r, impl)
 
 
 def grid_match(
@@ -163,8 +165,9 @@ def grid_match(
     stride = checks.check_int_pair("stride", stride)
     checks.check_flag("random_dst", random_dst)
     generator = _check_generator(generator)
+    impl = select_backend(backend, (metric,))
     role, sources = roles.grid(height, width, stride, random_dst, generator, metric.device)
-    return _plan(metric, role, min(r, sources), backend)
+    return _plan(metric, role, min(r, sources), impl)
 
 
 def window_match(
@@ -193,5 +196,6 @@ def window_match(
             f"grid_size {height}x{width} plus {protected} protected tokens must make N={metric.shape[-2]} tokens (from the metric)"
         )
     window = checks.check_int_pair("window", window)
+    impl = select_backend(backend, (metric,))
     role, ids, sources = roles.windows(height, width, window, protected, metric.device)
-    return _plan(metric, role, min(r, sources), backend, ids)
+    return _plan(metric, role, min(r, sources), impl, ids)

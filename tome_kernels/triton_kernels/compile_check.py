@@ -38,8 +38,9 @@ _INDICES = {"src_idx_ptr": "i64", "dst_idx_ptr": "i64", "unm_idx_ptr": "i64", "t
 
 # Per kernel: its module, each pointer argument's element type (from the kernel's docstring
 # and what launch.py passes), the stride arguments that are 1 for contiguous inputs
-# (innermost strides, and the token stride of a (B, N, 1) size), and the arguments that are
-# multiples of 16 for contiguous inputs whose rows are (row strides and widths).
+# (innermost strides, and the token stride of a (B, N, 1) size or of a shared (1, N) roles
+# or window tensor), the arguments that are multiples of 16 for contiguous inputs whose
+# rows are (row strides and widths), and the float scalars (every other scalar is an int).
 KERNELS = {
     "match_kernel": dict(
         module="match",
@@ -83,6 +84,21 @@ KERNELS = {
         unit=("sm_d", "sx_c", "ss_n"),
         wide=("sm_b", "sm_h", "sm_n", "D", "sx_b", "sx_n", "C"),
     ),
+    "assign_kernel": dict(
+        module="similarity",
+        # Roles are int8 and window ids int32 (roles.py); without a window, launch.py passes
+        # the roles pointer in its place, which the kernel never reads.
+        pointers={"metric_ptr": DATA, "roles_ptr": "i8", "window_ptr": "i32", "best_ptr": "fp32", "dst_ptr": "i64"},
+        unit=("s_d", "sr_n", "sw_n"),
+        wide=("s_b", "s_h", "s_n", "D"),
+    ),
+    "energy_kernel": dict(
+        module="similarity",
+        pointers={"metric_ptr": DATA, "energy_ptr": "fp32"},
+        unit=("s_d",),
+        wide=("s_b", "s_h", "s_n", "D"),
+        floats=("margin", "alpha"),
+    ),
 }
 
 # Representative shapes: ViT-B/16 (N=197, keys of 12 heads x 64, C=768), the main one; a
@@ -116,6 +132,8 @@ def _blocks(kernel: str, shape: str, do_merge: bool = True) -> Dict[str, object]
     merge = dict(BLOCK_R=block_r, BLOCK_C=block_c)
     if kernel == "match_kernel":
         return dict(match, BLOCK_A=_block(na, 16, 64), BLOCK_B=_block(nb, 16, 64))
+    if kernel in ("assign_kernel", "energy_kernel"):
+        return dict(match, BLOCK_I=_block(s["N"], 16, 64), BLOCK_J=_block(s["N"], 16, 64))
     if kernel == "rank_kernel":
         return rank
     if kernel == "layout_kernel":
@@ -160,11 +178,11 @@ def all_specs() -> List[Tuple[str, Dict[str, object]]]:
                     add(kernel, dtype, shape, "contiguous", **flags)
 
     def sweep_slow(kernel, flag_sets, defaults, everything, num_warps):
-        """For the matching kernels, whose launch-sized blocks (a 64 or 128 square tl.dot)
-        take 3 to 15 s a compile: the flags are covered per dtype at the tiny shapes, whose
-        16-wide blocks compile in about a second; the launch-sized blocks get the defaults
-        per dtype, and in float16 (what models run in) also every flag set, at the main
-        shape strided and at the sd shape (ONE_CHUNK=False)."""
+        """For the matching and similarity kernels, whose launch-sized blocks (a 64 or 128
+        square tl.dot) take 3 to 15 s a compile: the flags are covered per dtype at the tiny
+        shapes, whose 16-wide blocks compile in about a second; the launch-sized blocks get
+        the defaults per dtype, and in float16 (what models run in) also every flag set, at
+        the main shape strided and at the sd shape (ONE_CHUNK=False)."""
         for dtype in DTYPES:
             for flags in flag_sets:
                 add(kernel, dtype, "tiny", "contiguous", num_warps, **flags)
@@ -195,6 +213,10 @@ def all_specs() -> List[Tuple[str, Dict[str, object]]]:
         "one_pass_kernel", _flag_sets(one_pass_flags, full=False), dict(no_flags, WRITE_INDICES=True),
         dict(dict.fromkeys(one_pass_flags, True), WRITE_INDICES=False), 8,
     )
+    # The general methods' kernels (partition.assign, PiToMe's energy): keys or a metric,
+    # with or without windows (DSM), the paper's f or the shifted one.
+    for kernel, flags in (("assign_kernel", ("IS_KEYS", "HAS_WINDOW")), ("energy_kernel", ("IS_KEYS", "SHIFTED"))):
+        sweep_slow(kernel, _flag_sets(flags, full=True), dict.fromkeys(flags, False), dict.fromkeys(flags, True), 4)
 
     # The same variant reached twice (two shapes with the same blocks and, where the kernel
     # has row strides, the same row alignment) compiles once.
@@ -238,7 +260,8 @@ def signature(kernel: str, spec: Dict[str, object]):
     table = KERNELS[kernel]
     ones = _ones(kernel, spec)
     rows_aligned = _rows_aligned(spec)
-    for name in ones + table["wide"] + tuple(table["pointers"]):
+    floats = table.get("floats", ())
+    for name in ones + table["wide"] + tuple(table["pointers"]) + floats:
         if name not in fn.arg_names:
             raise KeyError(f"{kernel}: the table names {name!r}, which is no argument of the kernel")
     sig, constexprs, attrs = {}, {}, {}
@@ -256,6 +279,8 @@ def signature(kernel: str, spec: Dict[str, object]):
             sig[name] = "*" + (spec["dtype"] if elem == DATA else elem)
             if spec["layout"] == "contiguous":
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
             if rows_aligned and name in table["wide"]:
@@ -321,7 +346,8 @@ def main(argv=None) -> int:
 
     specs = all_specs()
     # The slowest compiles first, so that the workers finish together.
-    slow_first = sorted(specs, key=lambda ks: (ks[0] not in ("one_pass_kernel", "match_kernel"), ks[1]["shape"].startswith("tiny")))
+    slow = ("one_pass_kernel", "match_kernel", "assign_kernel", "energy_kernel")
+    slow_first = sorted(specs, key=lambda ks: (ks[0] not in slow, ks[1]["shape"].startswith("tiny")))
     jobs = [(kernel, spec, args.arch) for kernel, spec in slow_first]
     start = time.perf_counter()
     if args.jobs <= 1:
