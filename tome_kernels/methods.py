@@ -25,14 +25,6 @@ from .plan import MergePlan
 PITOME_MARGIN = 0.9
 
 
-def _check_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    if value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 def _check_generator(generator) -> Optional[torch.Generator]:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -76,7 +68,7 @@ def pitome_match(
     """
     protected = _protected(metric, class_token, distill_token)
     r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
-    margin, alpha = _check_float("margin", margin), _check_float("alpha", alpha)
+    margin, alpha = checks.check_real("margin", margin), checks.check_real("alpha", alpha)
     checks.check_flag("shifted", shifted)
     impl = select_backend(backend, (metric,))
     if r == 0:

@@ -12,6 +12,9 @@ padding out of the matching (NaN keys: never a source before the real tokens, ne
 destination) and moves the real tokens ahead of the padding after each merge, so a sentence
 in a padded batch merges exactly as it would alone (tested). After the first merge the
 attention mask is rebuilt from the sizes, so padding is never attended to nor pooled.
+
+``method="pitome"`` matches with PiToMe instead (``state.pitome_match_padded`` gives each
+sentence of a padded batch the roles it would have alone).
 """
 
 import functools
@@ -21,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .schedule import RSchedule, r_per_block
-from .state import PADDING_SIZE, ToMeState, capture_keys, check_backend_name, tome_subclass
+from ..methods import PITOME_MARGIN
+from .state import PADDING_SIZE, ToMeState, capture_keys, check_backend_name, check_method, tome_subclass
 
 # The attention interfaces that take an additive float mask of shape (B, 1, 1, N).
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -62,6 +66,7 @@ class _ToMeBertLayer:
             # The incoming mask has the input's length; the merged tokens need their own.
             attention_mask = state.attention_bias(hidden_states.dtype)
         attention_output, _ = self.attention(hidden_states, attention_mask, past_key_values=None, **kwargs)
+        state.block = self._tome_index
         r = state.r[self._tome_index]
         if r > 0:
             attention_output = state.merge(attention_output, r)
@@ -132,7 +137,8 @@ def _check_model(model) -> List[nn.Module]:
     return list(layers)
 
 
-def patch_bert(model: nn.Module, r: RSchedule, *, prop_attn: bool = True, backend: str = "auto",
+def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: float = PITOME_MARGIN,
+               alpha: float = 1.0, shifted: bool = False, prop_attn: bool = True, backend: str = "auto",
                trace_source: bool = False) -> nn.Module:
     """Patch a BERT-style encoder in place to merge tokens in every layer; returns it.
 
@@ -140,6 +146,10 @@ def patch_bert(model: nn.Module, r: RSchedule, *, prop_attn: bool = True, backen
         model: a transformers ``BertModel`` (encoder: no decoder, no cross-attention), with
             attn_implementation "eager" or "sdpa".
         r: tokens removed per layer: an int, a per-layer list, or ``(r, inflection)``.
+        method: "tome" (ToMe's bipartite matching) or "pitome" (``tome_kernels.pitome_match``
+            with margin ``margin * (1 - l / L)`` at layer l of L). DSM needs a patch grid:
+            it is for ``patch.timm`` only.
+        margin, alpha, shifted: PiToMe's energy (method="pitome" only).
         prop_attn: proportional attention (log(size) added to the attention logits).
         backend: the merge backend, as in ``bipartite_merge``.
         trace_source: keep, per sequence, the final token of every input token
@@ -154,11 +164,12 @@ def patch_bert(model: nn.Module, r: RSchedule, *, prop_attn: bool = True, backen
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
+    options = check_method(method, ("tome", "pitome"), margin=margin, alpha=alpha, shifted=shifted)
     layers = _check_model(model)
     schedule = r_per_block(r, len(layers))
     remove(model)
     state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=bool(prop_attn),
-                      trace_source=bool(trace_source), backend=backend)
+                      trace_source=bool(trace_source), backend=backend, options=options)
     state.undo = remove_bert
     start = _PassStart()
     for index, layer in enumerate(layers):

@@ -42,3 +42,22 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
         values = [_check_count(f"r[{i}]", v) for i, v in enumerate(r)]
         return values + [0] * (num_blocks - len(values))
     return [_check_count("r", r)] * num_blocks
+
+
+def dsm_r_per_block(r: int, num_blocks: int, delay: int) -> List[int]:
+    """DSM's schedule: ToMe's budget of ``r`` tokens per block over all ``num_blocks`` blocks
+    (``r * num_blocks``), spent by the blocks after the first ``delay`` ones only.
+
+    The first ``delay`` blocks merge nothing (their attention has not settled yet, the
+    premise of delayed merging); the budget is split evenly over the others, the remainder
+    one token each to the earliest of them. Each block still clamps its count to what its
+    token count allows, so a large r can leave part of the budget unspent.
+    """
+    r = _check_count("r (an int for method='dsm': the total budget is r per block)", r)
+    if isinstance(delay, bool) or not isinstance(delay, int):
+        raise TypeError(f"delay must be an int (blocks without merging), got {type(delay).__name__}")
+    if not 0 <= delay < num_blocks:
+        raise ValueError(f"delay must be in [0, {num_blocks}) for a model of {num_blocks} blocks, got {delay}")
+    merging = num_blocks - delay
+    each, extra = divmod(r * num_blocks, merging)
+    return [0] * delay + [each + (1 if i < extra else 0) for i in range(merging)]

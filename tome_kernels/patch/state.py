@@ -4,19 +4,29 @@ A patched block cannot pass sizes or source maps to the next block through its r
 (timm chains blocks with nn.Sequential, BERT with its own loop), so they live here: the first
 block resets them, every block reads and updates them, and the caller can read them after
 the forward pass (``tome_kernels.patch.get_state(model)``).
+
+The state also decides how each block matches (``method``): ToMe's bipartite matching,
+PiToMe's energy-protected matching, or DSM (windows of the patch grid at its first merging
+block, ToMe's matching after it); every method's plan is applied by the same size-weighted
+merge.
 """
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .. import partition, roles
 from ..api import bipartite_match, bipartite_merge
-from ..backends import _REGISTRY, requested_backend
+from ..backends import _REGISTRY, requested_backend, select_backend
+from ..checks import check_flag, check_int_pair, check_real
+from ..methods import PITOME_MARGIN, pitome_match, window_match
+from ..plan import MergePlan
 
 # A padded position's size. Padding is kept out of the matching (NaN keys), but when a row
-# has fewer real candidates than r, padded A tokens are still merged away (into B token 0, a
-# real token): this size leaves it unchanged to about one part in a million, and being
+# has fewer real candidates than r, padded tokens are still merged away (into a real token:
+# ToMe's B token 0, PiToMe's first destination): this size leaves it unchanged to about one
+# part in a million, and being
 # positive, no group averages to 0 / 0. A token is real when its size is at least
 # VALID_SIZE: real sizes are whole counts of real tokens, and a row's padding sums to far less.
 PADDING_SIZE = 1e-6
@@ -31,6 +41,50 @@ def check_backend_name(backend) -> str:
     return backend
 
 
+METHODS = ("tome", "pitome", "dsm")
+
+
+class MethodOptions(NamedTuple):
+    """How the blocks match. ``margin``, ``alpha``, ``shifted``: PiToMe's energy (the margin
+    of block l of L is ``margin * (1 - l / L)``); ``delay``: DSM's first merging block, which
+    merges within ``window`` windows of the patch grid."""
+
+    method: str = "tome"
+    margin: float = PITOME_MARGIN
+    alpha: float = 1.0
+    shifted: bool = False
+    delay: int = 0
+    window: Tuple[int, int] = (2, 2)
+
+
+def check_method(method, allowed: Tuple[str, ...], **options) -> MethodOptions:
+    """The checked options of ``method``. An option the method does not use must keep its
+    default: a margin given with method="tome" would otherwise be ignored without a word."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, one of {', '.join(allowed)}; got {type(method).__name__}")
+    if method not in allowed:
+        why = " (DSM merges in windows of a patch grid: timm ViTs only)" if method in METHODS else ""
+        raise ValueError(f"method must be one of {', '.join(allowed)}, got {method!r}{why}")
+    default = MethodOptions()
+    checked = dict(
+        margin=check_real("margin", options.get("margin", default.margin)),
+        alpha=check_real("alpha", options.get("alpha", default.alpha)),
+        shifted=check_flag("shifted", options.get("shifted", default.shifted)),
+        window=check_int_pair("window", options.get("window", default.window)),
+    )
+    delay = options.get("delay", default.delay)
+    if isinstance(delay, bool) or not isinstance(delay, int):
+        raise TypeError(f"delay must be an int (blocks without merging), got {type(delay).__name__}")
+    if delay < 0:
+        raise ValueError(f"delay must be >= 0 (blocks without merging), got {delay}")
+    checked["delay"] = delay
+    users = {"margin": "pitome", "alpha": "pitome", "shifted": "pitome", "delay": "dsm", "window": "dsm"}
+    unused = [name for name, user in users.items() if user != method and checked[name] != getattr(default, name)]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} apply to method={users[unused[0]]!r} only, not method={method!r}")
+    return MethodOptions(method, **checked)
+
+
 class ToMeState:
     """What the blocks of one patched model share.
 
@@ -40,16 +94,22 @@ class ToMeState:
         token_map: with ``trace_source``, (B, N_input) int64: the row of the current tokens
             that every input token ended in; None without tracing or before any merge.
         num_input_tokens: N at the first block of the last forward pass.
+        options: the matching method and its options (``MethodOptions``).
     """
 
     def __init__(self, r: List[int], *, class_token: bool, distill_token: bool, prop_attn: bool,
-                 trace_source: bool, backend: str):
+                 trace_source: bool, backend: str, options: MethodOptions = MethodOptions()):
         self.r = r
         self.class_token = class_token
         self.distill_token = distill_token
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.backend = backend
+        self.options = options
+        # Set by each patched block before it merges: PiToMe's margin and DSM's onset depend on it.
+        self.block = 0
+        # DSM: the (height, width) patch grid of the current pass, set by a hook on the patch embedding.
+        self.grid_size: Optional[Tuple[int, int]] = None
         # Set by the patch function: how to restore the model (tome_kernels.patch.remove).
         self.undo = None
         self.begin(None)
@@ -93,17 +153,45 @@ class ToMeState:
             raise RuntimeError("tome_kernels: the patched attention did not record its keys this pass")
         if self.padded:
             keys = self._hide_padding(keys)
-        flags = dict(class_token=self.class_token, distill_token=self.distill_token, backend=self.backend)
-        if self.trace_source:
-            plan = bipartite_match(keys, r, **flags)
-            x, self.size = plan.merge_wavg(x, self.size)
-            self._follow(plan.token_map)
-        else:
+        plan = self._match(keys, r)
+        if plan is None:
+            flags = dict(class_token=self.class_token, distill_token=self.distill_token, backend=self.backend)
             x, self.size = bipartite_merge(x, keys, r, self.size, **flags)
+        else:
+            x, self.size = plan.merge_wavg(x, self.size)
+            if self.trace_source:
+                self._follow(plan.token_map)
         if self.padded:
             x = self._real_tokens_first(x)
         self.merged = True
         return x
+
+    def _match(self, keys: Tensor, r: int) -> Optional[MergePlan]:
+        """This block's plan, or None for ToMe's matching untraced, which the fused
+        ``bipartite_merge`` does in one call (no plan is made)."""
+        flags = dict(class_token=self.class_token, distill_token=self.distill_token, backend=self.backend)
+        method = self.options.method
+        if method == "pitome":
+            pitome = dict(margin=self.options.margin * (1 - self.block / len(self.r)), alpha=self.options.alpha,
+                          shifted=self.options.shifted, **flags)
+            if self.padded:
+                return pitome_match_padded(keys, r, self.size[..., 0] >= VALID_SIZE, **pitome)
+            return pitome_match(keys, r, **pitome)
+        if method == "dsm" and self.block == self.options.delay:
+            return window_match(keys, r, self._patch_grid(keys.shape[-2]), window=self.options.window, **flags)
+        return bipartite_match(keys, r, **flags) if self.trace_source else None
+
+    def _patch_grid(self, tokens: int) -> Tuple[int, int]:
+        """The patch grid DSM's windows cut, checked against the tokens of its first merging
+        block: nothing merged before it, so they must be the prefix tokens and the grid."""
+        protected = int(self.class_token) + int(self.distill_token)
+        grid = self.grid_size
+        if grid is None or protected + grid[0] * grid[1] != tokens:
+            seen = "no patch grid was recorded" if grid is None else f"a {grid[0]}x{grid[1]} patch grid"
+            raise ValueError(f"method='dsm' merges block {self.options.delay}'s tokens in windows of the patch grid, "
+                             f"but that block sees {tokens} tokens and {seen} with {protected} prefix tokens; "
+                             "tokens dropped or added before the blocks (e.g. patch dropout) break the grid")
+        return grid
 
     def _follow(self, step: Tensor) -> None:
         """Compose one step's token map (input row -> output row) into the traced map."""
@@ -134,6 +222,38 @@ class ToMeState:
         if self.token_map is None:
             raise ValueError("source_matrix: no tokens were merged in the last forward pass (or none ran yet)")
         return nn.functional.one_hot(self.token_map, self.size.shape[1]).transpose(1, 2).to(torch.float32)
+
+
+def pitome_match_padded(keys: Tensor, r: int, real: Tensor, *, margin: float, alpha: float, shifted: bool,
+                        class_token: bool, distill_token: bool, backend: str) -> MergePlan:
+    """``pitome_match`` for a padded batch: keys with NaN at padding, ``real`` (B, N) bool.
+
+    Padding has energy -inf (no finite similarity) and ranks after every real token, so a
+    row's real tokens take PiToMe's roles in the order they would alone. But a row with
+    fewer than 2r real candidates would hand roles on past them: alone, PiToMe takes
+    ``r_row = min(r, real candidates // 2)`` pairs and keeps the odd lowest-energy one. Here
+    each row takes r_row real pairs and keeps the rest of its real tokens, and all its
+    padding becomes sources: padding scores no similarity, so it is merged only after every
+    real source, into the row's first destination, with its 1e-6 weight. A row with no
+    real pair makes its top-ranked token the destination that padding merges into.
+    """
+    protected = int(class_token) + int(distill_token)
+    batch, tokens = keys.shape[0], keys.shape[-2]
+    r = min(r, (tokens - protected) // 2)
+    impl = select_backend(backend, (keys,))
+    if r == 0:
+        return MergePlan(partition.identity(batch, tokens, keys.device), impl)
+    energy = impl.energy(keys, margin, alpha, shifted)
+    position = torch.arange(tokens, device=keys.device)
+    eligible = position >= protected
+    order = roles.order_by(energy, eligible)
+    rank = torch.empty_like(order).scatter_(1, order, position.expand_as(order))
+    pairs = torch.clamp((real & eligible).sum(dim=1, keepdim=True) // 2, max=r)
+    paired = rank < 2 * pairs
+    role = torch.where(paired, torch.where(rank % 2 == 0, partition.SOURCE, partition.DEST), partition.KEEP)
+    role = torch.where(~real & eligible, partition.SOURCE, role)
+    role = torch.where((pairs == 0) & (rank == 0) & eligible, partition.DEST, role)
+    return MergePlan(partition.partition(keys, role.to(torch.int8), r, None, impl), impl)
 
 
 _SUBCLASSES = {}

@@ -1,5 +1,5 @@
 """ToMe for timm's VisionTransformer family (ViT, DeiT, DeiT-distilled, with or without
-LayerScale), as in timm 1.0.x.
+LayerScale), as in timm 1.0.x; with PiToMe's or DSM's matching as options.
 
 Each block becomes a subclass of its own class whose forward merges between the attention
 and the MLP; a forward hook on the attention's key normalisation (an Identity unless qk_norm)
@@ -7,12 +7,13 @@ hands the keys to the merge. No module or parameter changes, so the state_dict k
 names while patched and ``remove`` restores the model exactly.
 """
 
-from typing import List
+from typing import List, Tuple
 
 from torch import Tensor, nn
 
-from .schedule import RSchedule, r_per_block
-from .state import ToMeState, capture_keys, check_backend_name, tome_subclass
+from ..methods import PITOME_MARGIN
+from .schedule import RSchedule, dsm_r_per_block, r_per_block
+from .state import ToMeState, capture_keys, check_backend_name, check_method, tome_subclass
 
 class _ToMeBlock:
     """timm's Block.forward with the merge between attention and MLP."""
@@ -23,6 +24,7 @@ class _ToMeBlock:
             raise ValueError("a ToMe-patched model takes no attn_mask / is_causal: merging changes the token count")
         if self._tome_index == 0:
             state.begin(None, x.shape[1])
+        state.block = self._tome_index
         bias = state.attention_bias(x.dtype)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias)))
         r = state.r[self._tome_index]
@@ -79,13 +81,37 @@ def _check_model(model: nn.Module) -> List[nn.Module]:
     return blocks
 
 
-def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, prop_attn: bool = True,
-               backend: str = "auto") -> nn.Module:
+def _record_patch_grid(state: ToMeState):
+    """Forward hook on the patch embedding: the (height, width) patch grid of this pass. A
+    model built with dynamic_img_size gives it as the shape of its (B, H, W, C) output;
+    otherwise the grid is the embedding's fixed one."""
+
+    def record(module, _inputs, out):
+        grid = out.shape[1:3] if out.dim() == 4 else getattr(module, "grid_size", None)
+        state.grid_size = None if grid is None else (int(grid[0]), int(grid[1]))
+
+    return record
+
+
+def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: float = PITOME_MARGIN,
+               alpha: float = 1.0, shifted: bool = False, delay: int = 0, window: Tuple[int, int] = (2, 2),
+               trace_source: bool = False, prop_attn: bool = True, backend: str = "auto") -> nn.Module:
     """Patch a timm VisionTransformer in place to merge tokens in every block; returns it.
 
     Args:
         model: a timm ``VisionTransformer`` (or ``VisionTransformerDistilled``).
-        r: tokens removed per block: an int, a per-block list, or ``(r, inflection)``.
+        r: tokens removed per block: an int, a per-block list, or ``(r, inflection)``;
+            with method="dsm", an int: the budget is r per block over all blocks.
+        method: how each block matches:
+            - "tome": ToMe's bipartite matching;
+            - "pitome": PiToMe (``tome_kernels.pitome_match``), same r schedule, margin
+              ``margin * (1 - l / L)`` at block l of L;
+            - "dsm": delayed spatial merging: blocks ``0 .. delay-1`` merge nothing, the
+              budget ``r * L`` is spread over the others (``dsm_r_per_block``); block
+              ``delay`` merges within ``window`` windows of the patch grid
+              (``tome_kernels.window_match``), every later block with ToMe's matching.
+        margin, alpha, shifted: PiToMe's energy (method="pitome" only).
+        delay, window: DSM's delay and windows (method="dsm" only).
         trace_source: keep, per image, the final token of every input token
             (``get_state(model).token_map``, O(N) memory).
         prop_attn: proportional attention (log(size) added to the attention logits).
@@ -98,14 +124,19 @@ def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, pr
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
+    options = check_method(method, ("tome", "pitome", "dsm"), margin=margin, alpha=alpha, shifted=shifted,
+                           delay=delay, window=window)
     blocks = _check_model(model)
-    schedule = r_per_block(r, len(blocks))
+    if options.method == "dsm":
+        schedule = dsm_r_per_block(r, len(blocks), options.delay)
+    else:
+        schedule = r_per_block(r, len(blocks))
     remove(model)
     state = ToMeState(
         schedule,
         class_token=getattr(model, "cls_token", None) is not None,
         distill_token=getattr(model, "dist_token", None) is not None,
-        prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend,
+        prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend, options=options,
     )
     state.undo = remove_timm
     for index, block in enumerate(blocks):
@@ -113,6 +144,8 @@ def patch_timm(model: nn.Module, r: RSchedule, *, trace_source: bool = False, pr
         block._tome_index = index
         block._tome_key_hook = capture_keys(block.attn.k_norm, state)
         block.__class__ = tome_subclass(type(block), _ToMeBlock)
+    if options.method == "dsm":
+        model._tome_grid_hook = model.patch_embed.register_forward_hook(_record_patch_grid(state))
     model._tome_state = state
     model.__class__ = tome_subclass(type(model), _ToMeVisionTransformer)
     return model
@@ -126,5 +159,9 @@ def remove_timm(model: nn.Module) -> None:
             block._tome_key_hook.remove()
             block.__class__ = original
             del block._tome_state, block._tome_index, block._tome_key_hook
+    grid_hook = getattr(model, "_tome_grid_hook", None)
+    if grid_hook is not None:
+        grid_hook.remove()
+        del model._tome_grid_hook
     model.__class__ = type(model)._tome_original_class
     del model._tome_state
