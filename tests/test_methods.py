@@ -21,6 +21,8 @@ from tome_kernels.backends import cannot_run_reasons
 from tome_kernels.triton_kernels import launch
 from tome_kernels.triton_kernels import ops as triton_ops
 
+from .test_fast_backends import _poison_triton_buffers
+
 NAN = float("nan")
 ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
 FAST = ["triton", "cuda"] if ON_GPU else ["cpu", "triton"]
@@ -61,22 +63,6 @@ def make(batch, tokens, kind, device, dtype=torch.float32, channels=6, seed=0):
     x = torch.randn(batch, tokens, channels, generator=g).to(device, dtype)
     size = torch.randint(1, 5, (batch, tokens, 1), generator=g).to(device, torch.float32)
     return x, metric, size
-
-
-def _poison_triton_buffers(monkeypatch):
-    """Every buffer launch.py allocates starts as NaN (floats) or -7 (ints): an output element
-    a kernel forgets to write fails the comparison instead of passing by luck."""
-
-    class PoisonedTorch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def empty(*shape, **kwargs):
-            t = torch.empty(*shape, **kwargs)
-            return t.fill_(NAN if t.is_floating_point() else -7)
-
-    monkeypatch.setattr(launch, "torch", PoisonedTorch())
 
 
 def _backend_fixture(request, monkeypatch, device):
