@@ -482,3 +482,15 @@ def test_opcheck_new_operators(device, which):
         torch.library.opcheck(triton_ops.energy, (metric, 0.5, 1.0, True))
     else:
         torch.library.opcheck(triton_ops.assign, (metric, roles, window if which == "assign_window" else None))
+
+
+def test_pitome_real_mask_is_checked():
+    metric = torch.randn(2, 9, 4)
+    with pytest.raises(TypeError, match="real"):
+        pitome_match(metric, 2, real=torch.ones(2, 9))
+    with pytest.raises(ValueError, match="real"):
+        pitome_match(metric, 2, real=torch.ones(2, 8, dtype=torch.bool))
+    # All tokens real: the same plan as without the mask.
+    plain = pitome_match(metric, 2, backend="reference")
+    masked = pitome_match(metric, 2, real=torch.ones(2, 9, dtype=torch.bool), backend="reference")
+    assert torch.equal(plain.token_map, masked.token_map)

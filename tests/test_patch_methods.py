@@ -17,10 +17,12 @@ needs_transformers = pytest.mark.skipif(transformers is None, reason="transforme
 
 import tome_kernels.patch as tome_patch  # noqa: E402
 from tome_kernels import energy as energy_module  # noqa: E402
-from tome_kernels import available_backends, bipartite_match, pitome_match, window_match  # noqa: E402
+from tome_kernels import bipartite_match, pitome_match, window_match  # noqa: E402
 from tome_kernels.patch.schedule import dsm_r_per_block, r_per_block  # noqa: E402
 from tome_kernels.patch.state import VALID_SIZE  # noqa: E402
 from tome_kernels.reference import clamp_r  # noqa: E402
+
+from .test_patch_timm import logits, runnable_backends, tokens_seen_by_blocks  # noqa: E402
 
 # Small members of each family: a class token, class + distillation token, no prefix token.
 VARIANTS = {
@@ -45,20 +47,6 @@ def make_model(variant="vit", depth=4, img_size=96, **extra):
 
 def images(batch=2, height=96, width=None):
     return torch.randn(batch, 3, height, width or height, generator=torch.Generator().manual_seed(1))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x)
-
-
-def tokens_after_blocks(model, x):
-    counts = []
-    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for b in model.blocks]
-    logits(model, x)
-    for hook in hooks:
-        hook.remove()
-    return counts
 
 
 def window_sources(grid, window):
@@ -102,14 +90,6 @@ def handwritten_vit(model, x, schedule, match, prop_attn=True):
         return model.forward_head(h), size
 
 
-def runnable_backends():
-    names = ["reference"]
-    for name, status in available_backends().items():
-        if status.available and name not in names and name != "cuda":
-            names.append(name)
-    return names
-
-
 # ---------------------------------------------------------------------------------------------
 # schedules and token counts
 
@@ -139,7 +119,7 @@ def test_pitome_token_counts(variant, r):
     tome_patch.timm(model, r, method="pitome")
     schedule = r_per_block(r, 4)
     assert tome_patch.get_state(model).r == schedule
-    assert tokens_after_blocks(model, images()) == expected_counts(36 + protected, schedule, protected)
+    assert tokens_seen_by_blocks(model, images()) == expected_counts(36 + protected, schedule, protected)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -150,7 +130,7 @@ def test_dsm_token_counts(variant, r, delay, window):
     tome_patch.timm(model, r, method="dsm", delay=delay, window=window)
     schedule = dsm_r_per_block(r, 4, delay)
     assert tome_patch.get_state(model).r == schedule
-    counts = tokens_after_blocks(model, images())
+    counts = tokens_seen_by_blocks(model, images())
     n0 = 36 + protected
     assert counts == expected_counts(n0, schedule, protected, onset=delay, grid=(6, 6), window=window)
     assert counts[:delay] == [n0] * delay, "no merge before the delay"

@@ -71,6 +71,11 @@ class Backend:
         """Each source token's best destination: ``partition.assign``."""
         return partition.assign(metric, roles, window)
 
+    def partition(self, metric: Tensor, roles: Tensor, r: int, window: Optional[Tensor]) -> Partition:
+        """The general plan merging ``r`` sources: ``partition.partition`` with this
+        backend's ``assign``."""
+        return partition.partition(metric, roles, r, window, self)
+
     def energy(self, metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
         """PiToMe's energy of every token: ``energy.energy``."""
         return energy.energy(metric, margin, alpha, shifted)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import Backend, Plan
+from .partition import Partition
 from .reference import MatchResult
 
 
@@ -49,6 +50,11 @@ class GroupedBackend(Backend):
         self._load()
         src, dst, unm, token_map, members, row_start = self._match_op(metric, r, class_token, distill_token)
         return MatchResult(r, src, dst, unm, token_map, class_token, distill_token, (members, row_start))
+
+    def partition(self, metric, roles, r, window) -> Partition:
+        # The groups are derived once here, not again by every merge, unmerge and backward.
+        plan = super().partition(metric, roles, r, window)
+        return plan._replace(groups=self._groups(plan)) if plan.r else plan
 
     def _groups(self, plan: Plan) -> Tuple[Tensor, Tensor]:
         """The plan's groups; for a plan made without them (by the reference, or a general

@@ -37,7 +37,7 @@ def _protected(metric, class_token, distill_token) -> int:
 
 
 def _plan(metric: Tensor, role: Tensor, r: int, impl: Backend, window: Optional[Tensor] = None) -> MergePlan:
-    return MergePlan(partition.partition(metric, role, r, window, impl), impl)
+    return MergePlan(impl.partition(metric, role, r, window), impl)
 
 
 def pitome_match(
@@ -49,6 +49,7 @@ def pitome_match(
     shifted: bool = False,
     class_token: bool = False,
     distill_token: bool = False,
+    real: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> MergePlan:
     """PiToMe (Tran et al., NeurIPS 2024): remove ``r`` tokens, protecting informative ones.
@@ -65,17 +66,24 @@ def pitome_match(
         alpha: the scale of f below the margin.
         shifted: f(x) = x - m above the margin (the authors' code) instead of x (the paper).
         class_token, distill_token: tokens 0 and 1 are protected.
+        real: for a padded batch whose padding has NaN metric rows, (B, N) bool, the real
+            tokens: each row takes the roles it would take alone (``roles.pitome``).
     """
     protected = _protected(metric, class_token, distill_token)
     r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
     margin, alpha = checks.check_real("margin", margin), checks.check_real("alpha", alpha)
     checks.check_flag("shifted", shifted)
+    if real is not None:
+        expected = (metric.shape[0], metric.shape[-2])
+        if not isinstance(real, Tensor) or real.dtype != torch.bool:
+            raise TypeError(f"real must be None or a (B, N) bool tensor, got {getattr(real, 'dtype', type(real).__name__)}")
+        if tuple(real.shape) != expected or real.device != metric.device:
+            raise ValueError(f"real must have shape (B, N) = {expected} on {metric.device}, got {tuple(real.shape)} on {real.device}")
     impl = select_backend(backend, (metric,))
     if r == 0:
         return MergePlan(partition.identity(metric.shape[0], metric.shape[-2], metric.device), impl)
     energy = impl.energy(metric, margin, alpha, shifted)
-    role = roles.pitome(energy, r, protected)
-    return MergePlan(partition.partition(metric, role, r, None, impl), impl)
+    return _plan(metric, roles.pitome(energy, r, protected, real), r, impl)
 
 
 def pitome_merge(

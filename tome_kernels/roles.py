@@ -27,15 +27,30 @@ def order_by(values: Tensor, eligible: Tensor) -> Tensor:
     return order.gather(1, torch.sort(ineligible, dim=1, stable=True).indices)
 
 
-def pitome(energy: Tensor, k: int, protected: int) -> Tensor:
+def pitome(energy: Tensor, k: int, protected: int, real: Optional[Tensor] = None) -> Tensor:
     """PiToMe: the 2k unprotected tokens of highest energy are mergeable, alternately A
-    (sources: ranks 0, 2, 4, ...) and B (destinations: ranks 1, 3, 5, ...); the rest are kept."""
-    batch, tokens = energy.shape
-    eligible = torch.arange(tokens, device=energy.device) >= protected
-    order = order_by(energy, eligible)[:, : 2 * k]
-    roles = _roles(batch, tokens, energy.device)
-    roles.scatter_(1, order[:, 0::2], SOURCE)
-    return roles.scatter_(1, order[:, 1::2], DEST)
+    (sources: ranks 0, 2, 4, ...) and B (destinations: ranks 1, 3, 5, ...); the rest are kept.
+
+    ``real`` (B, N) bool marks a padded batch's real tokens (padding has energy -inf and
+    ranks last). Each row then takes the pairs it would take alone, min(k, its real
+    candidates // 2), keeps its other real tokens, and makes its padding sources, which
+    merge after every real source since they score no similarity; a row without a real
+    pair makes its top-ranked token the destination its padding merges into. Every row
+    still has k sources.
+    """
+    tokens = energy.shape[1]
+    position = torch.arange(tokens, device=energy.device)
+    eligible = position >= protected
+    order = order_by(energy, eligible)
+    rank = torch.empty_like(order).scatter_(1, order, position.expand_as(order))
+    pairs = torch.full_like(rank[:, :1], k)
+    if real is not None:
+        pairs = torch.clamp((real & eligible).sum(dim=1, keepdim=True) // 2, max=k)
+    role = torch.where(rank < 2 * pairs, torch.where(rank % 2 == 0, SOURCE, DEST), KEEP)
+    if real is not None:
+        role = torch.where(~real & eligible, SOURCE, role)
+        role = torch.where((pairs == 0) & (rank == 0) & eligible, DEST, role)
+    return role.to(torch.int8)
 
 
 def kth(tokens: int, k: int, protected: int, device) -> Tuple[Tensor, int]:

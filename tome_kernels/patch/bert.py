@@ -13,7 +13,7 @@ destination) and moves the real tokens ahead of the padding after each merge, so
 in a padded batch merges exactly as it would alone (tested). After the first merge the
 attention mask is rebuilt from the sizes, so padding is never attended to nor pooled.
 
-``method="pitome"`` matches with PiToMe instead (``state.pitome_match_padded`` gives each
+``method="pitome"`` matches with PiToMe instead (``pitome_match``'s ``real`` mask gives each
 sentence of a padded batch the roles it would have alone).
 """
 

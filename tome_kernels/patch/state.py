@@ -16,9 +16,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import partition, roles
 from ..api import bipartite_match, bipartite_merge
-from ..backends import _REGISTRY, requested_backend, select_backend
+from ..backends import _REGISTRY, requested_backend
 from ..checks import check_flag, check_int_pair, check_real
 from ..methods import PITOME_MARGIN, pitome_match, window_match
 from ..plan import MergePlan
@@ -174,9 +173,8 @@ class ToMeState:
         if method == "pitome":
             pitome = dict(margin=self.options.margin * (1 - self.block / len(self.r)), alpha=self.options.alpha,
                           shifted=self.options.shifted, **flags)
-            if self.padded:
-                return pitome_match_padded(keys, r, self.size[..., 0] >= VALID_SIZE, **pitome)
-            return pitome_match(keys, r, **pitome)
+            real = self.size[..., 0] >= VALID_SIZE if self.padded else None
+            return pitome_match(keys, r, real=real, **pitome)
         if method == "dsm" and self.block == self.options.delay:
             return window_match(keys, r, self._patch_grid(keys.shape[-2]), window=self.options.window, **flags)
         return bipartite_match(keys, r, **flags) if self.trace_source else None
@@ -222,38 +220,6 @@ class ToMeState:
         if self.token_map is None:
             raise ValueError("source_matrix: no tokens were merged in the last forward pass (or none ran yet)")
         return nn.functional.one_hot(self.token_map, self.size.shape[1]).transpose(1, 2).to(torch.float32)
-
-
-def pitome_match_padded(keys: Tensor, r: int, real: Tensor, *, margin: float, alpha: float, shifted: bool,
-                        class_token: bool, distill_token: bool, backend: str) -> MergePlan:
-    """``pitome_match`` for a padded batch: keys with NaN at padding, ``real`` (B, N) bool.
-
-    Padding has energy -inf (no finite similarity) and ranks after every real token, so a
-    row's real tokens take PiToMe's roles in the order they would alone. But a row with
-    fewer than 2r real candidates would hand roles on past them: alone, PiToMe takes
-    ``r_row = min(r, real candidates // 2)`` pairs and keeps the odd lowest-energy one. Here
-    each row takes r_row real pairs and keeps the rest of its real tokens, and all its
-    padding becomes sources: padding scores no similarity, so it is merged only after every
-    real source, into the row's first destination, with its 1e-6 weight. A row with no
-    real pair makes its top-ranked token the destination that padding merges into.
-    """
-    protected = int(class_token) + int(distill_token)
-    batch, tokens = keys.shape[0], keys.shape[-2]
-    r = min(r, (tokens - protected) // 2)
-    impl = select_backend(backend, (keys,))
-    if r == 0:
-        return MergePlan(partition.identity(batch, tokens, keys.device), impl)
-    energy = impl.energy(keys, margin, alpha, shifted)
-    position = torch.arange(tokens, device=keys.device)
-    eligible = position >= protected
-    order = roles.order_by(energy, eligible)
-    rank = torch.empty_like(order).scatter_(1, order, position.expand_as(order))
-    pairs = torch.clamp((real & eligible).sum(dim=1, keepdim=True) // 2, max=r)
-    paired = rank < 2 * pairs
-    role = torch.where(paired, torch.where(rank % 2 == 0, partition.SOURCE, partition.DEST), partition.KEEP)
-    role = torch.where(~real & eligible, partition.SOURCE, role)
-    role = torch.where((pairs == 0) & (rank == 0) & eligible, partition.DEST, role)
-    return MergePlan(partition.partition(keys, role.to(torch.int8), r, None, impl), impl)
 
 
 _SUBCLASSES = {}
