@@ -1,6 +1,7 @@
-"""The CUDA sources compile without a GPU: every ``csrc/cuda/*.cu`` with ``nvcc -c`` for
-sm_80 and sm_90, and the PyTorch glue ``csrc/cuda/ops_cuda.cpp`` through a host-compiler
-syntax check against torch's headers.
+"""The CUDA sources compile without a GPU: every ``.cu`` file of the cuda group of
+``csrc/sources.txt`` (the list every build reads) with ``nvcc -c`` for sm_80 and sm_90, and
+its PyTorch glue (the group's ``.cpp`` files) through a host-compiler syntax check against
+torch's headers.
 
 Nothing here can run a kernel (CI has no GPU); this catches what only a compiler sees, on
 every change. Warnings are errors, in nvcc and in the host compiler, for our own code
@@ -8,7 +9,6 @@ every change. Warnings are errors, in nvcc and in the host compiler, for our own
 module-level fixture, so the module takes well under a minute and a half on two cores.
 """
 
-import glob
 import os
 import re
 import shutil
@@ -18,10 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tome_kernels import extension_build
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_SOURCES = os.path.join(ROOT, "csrc", "cuda")
-KERNEL_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CUDA_SOURCES, "*.cu")))
-GLUE_FILE = "ops_cuda.cpp"
+CSRC = os.path.join(ROOT, "csrc")
+# What the builds compile, not a glob of our own: a source left out of the list would be
+# left out of the compile check too, and test_source_list.py checks the list is complete.
+CUDA_GROUP = extension_build.read_sources(CSRC)["cuda"]
+KERNEL_FILES = sorted(p for p in CUDA_GROUP if p.endswith(".cu"))
+GLUE_FILES = sorted(p for p in CUDA_GROUP if p.endswith(".cpp"))
 ARCHS = ("80", "90")
 TIMEOUT_S = 300
 
@@ -72,13 +77,13 @@ def _nvcc_cmd(source, arch, out_dir):
         "-gencode", f"arch=compute_{arch},code=sm_{arch}",
         "-Werror", "all-warnings",
         "-Xcompiler", "-Wall,-Wextra,-Werror",
-        os.path.join(CUDA_SOURCES, source),
-        "-o", os.path.join(out_dir, f"{source}.sm_{arch}.o"),
+        os.path.join(CSRC, source),
+        "-o", os.path.join(out_dir, f"{os.path.basename(source)}.sm_{arch}.o"),
     ]
 
 
-def _glue_cmd():
-    """The syntax check of the glue, or the reason it cannot run here."""
+def _glue_cmd(source):
+    """The syntax check of one glue file, or the reason it cannot run here."""
     if HOST_CXX is None:
         return None, "g++ is not on PATH"
     try:
@@ -93,7 +98,7 @@ def _glue_cmd():
     return [
         HOST_CXX, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-Werror",
         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes,
-        os.path.join(CUDA_SOURCES, GLUE_FILE),
+        os.path.join(CSRC, source),
     ], None
 
 
@@ -104,16 +109,19 @@ def compiled(tmp_path_factory):
         pytest.skip("nvcc is not on PATH: the CUDA sources cannot be compiled here")
     out_dir = str(tmp_path_factory.mktemp("cuda_objects"))
     jobs = {(source, arch): _nvcc_cmd(source, arch, out_dir) for source in KERNEL_FILES for arch in ARCHS}
-    glue, reason = _glue_cmd()
-    if glue is not None:
-        jobs[(GLUE_FILE, "host")] = glue
+    skipped = {}
+    for source in GLUE_FILES:
+        glue, reason = _glue_cmd(source)
+        if glue is None:
+            skipped[(source, "skip")] = reason
+        else:
+            jobs[(source, "host")] = glue
     # Largest sources first: the two workers then finish at about the same time.
-    order = sorted(jobs, key=lambda key: -os.path.getsize(os.path.join(CUDA_SOURCES, key[0])))
+    order = sorted(jobs, key=lambda key: -os.path.getsize(os.path.join(CSRC, key[0])))
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {key: pool.submit(_run, jobs[key], out_dir) for key in order}
         results = {key: future.result() for key, future in futures.items()}
-    results[(GLUE_FILE, "skip")] = reason
-    return results
+    return {**results, **skipped}
 
 
 def _assert_ok(result):
@@ -121,10 +129,10 @@ def _assert_ok(result):
     assert rc == 0, f"exit status {rc} from:\n{' '.join(cmd)}\n\n{output[-20000:]}"
 
 
-def test_the_cuda_sources_exist():
-    assert set(KERNEL_FILES) >= {"match_cuda.cu", "select_cuda.cu", "merge_cuda.cu", "similarity_cuda.cu"}, KERNEL_FILES
-    assert os.path.isfile(os.path.join(CUDA_SOURCES, "launchers.h"))
-    assert os.path.isfile(os.path.join(CUDA_SOURCES, GLUE_FILE))
+def test_the_cuda_group_has_kernels_and_glue():
+    assert set(KERNEL_FILES) >= {f"cuda/{name}_cuda.cu" for name in ("match", "select", "merge", "similarity")}
+    assert GLUE_FILES == ["cuda/ops_cuda.cpp"]
+    assert os.path.isfile(os.path.join(CSRC, "cuda", "launchers.h"))
 
 
 @needs_nvcc
@@ -135,16 +143,17 @@ def test_kernels_compile(compiled, source, arch):
 
 
 def test_kernel_files_include_no_torch_header():
-    # Torch headers make nvcc take a minute and gigabytes per file (shared/ENV.md).
-    for name in KERNEL_FILES + ["launchers.h"]:
-        with open(os.path.join(CUDA_SOURCES, name)) as f:
+    # Torch headers make nvcc take a minute and gigabytes of memory per file (docs/native.md).
+    for name in KERNEL_FILES + ["cuda/launchers.h"]:
+        with open(os.path.join(CSRC, name)) as f:
             includes = re.findall(r"^\s*#\s*include\s*[<\"]([^>\"]+)", f.read(), re.M)
         torch_like = [h for h in includes if h.split("/")[0] in ("torch", "ATen", "c10")]
         assert not torch_like, f"{name} includes {torch_like}"
 
 
 @needs_nvcc
-def test_glue_passes_host_syntax_check(compiled):
-    if (GLUE_FILE, "host") not in compiled:
-        pytest.skip(compiled[(GLUE_FILE, "skip")])
-    _assert_ok(compiled[(GLUE_FILE, "host")])
+@pytest.mark.parametrize("source", GLUE_FILES)
+def test_glue_passes_host_syntax_check(compiled, source):
+    if (source, "host") not in compiled:
+        pytest.skip(compiled[(source, "skip")])
+    _assert_ok(compiled[(source, "host")])
