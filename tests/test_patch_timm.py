@@ -94,8 +94,8 @@ def test_schedules():
 @pytest.mark.parametrize(
     "r, error, words",
     [
-        (-1, ValueError, "r must be a non-negative int"),
-        (2.5, TypeError, "r must be a non-negative int"),
+        (-1, ValueError, "r must be >= 0"),
+        (2.5, TypeError, "r must be a Python int"),
         (True, TypeError, "r must be"),
         ([1, 2, 3, 4, 5], ValueError, "5 per-block values but the model has 4 blocks"),
         ([1, -2], ValueError, "r[1]"),

@@ -150,9 +150,25 @@ def requested_backend(backend) -> Tuple[str, str]:
     return backend, "backend"
 
 
+def check_backend_name(backend) -> str:
+    """Check a ``backend=`` argument without choosing a backend or loading one: "auto" or a
+    registered name; returns it unchanged. Raises ``TypeError`` / ``ValueError`` naming the
+    argument. The model patches call it at patch time, so that a misspelt name fails there,
+    not at the first forward pass."""
+    _name_in_force(backend)
+    return backend
+
+
+def _name_in_force(backend) -> Tuple[str, str]:
+    name, source = requested_backend(backend)
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
+    return name, source
+
+
 def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
     """The backend that will run ``tensors``; raises if one named explicitly cannot."""
-    name, source = requested_backend(backend)
+    name, source = _name_in_force(backend)
     if name == "auto":
         for candidate in _REGISTRY.values():
             if candidate.unsupported_reasons(tensors):
@@ -163,8 +179,6 @@ def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
             if tensors and candidate.expected_for(tensors[0].device):
                 _warn_once(candidate, error)
         raise AssertionError("the reference backend runs every valid input")
-    if name not in _REGISTRY:
-        raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
     reasons = cannot_run_reasons(name, tensors)
     if reasons:
         raise ValueError(f"{source}={name!r} cannot run these inputs: " + "; ".join(reasons))

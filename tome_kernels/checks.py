@@ -26,18 +26,35 @@ def check_tensor(name: str, value, ranks: Tuple[int, ...], expected_shape: str) 
     return value
 
 
+def is_int(value) -> bool:
+    """An integer (a Python or NumPy int) that is not a bool: bool is an int subclass, but
+    r=True is far more likely a slip than "merge one token"."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (int or float) that is not a bool, for the same reason as ``is_int``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int = 0, meaning: str = "") -> int:
+    """An int (``is_int``) of at least ``minimum``, as a Python int. ``meaning`` (e.g. "the
+    number of tokens to remove") goes into the error message."""
+    why = f" ({meaning})" if meaning else ""
+    if not is_int(value):
+        raise TypeError(f"{name} must be a Python int{why}, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}")
+    return int(value)
+
+
 def check_r(r) -> int:
-    # bool is an int subclass, but r=True is far more likely a slip than "merge one token".
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"r must be a Python int (the number of tokens to remove), got {type(r).__name__}: {r!r}")
-    if r < 0:
-        raise ValueError(f"r must be >= 0 (the number of tokens to remove), got {r}")
-    return int(r)
+    return check_int("r", r, 0, "the number of tokens to remove")
 
 
 def check_real(name: str, value) -> float:
     """A finite real number (int or float, not bool), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
     if value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -103,10 +120,9 @@ def check_merge_inputs(x, metric, r, size, class_token, distill_token) -> int:
 
 def check_int_pair(name: str, value) -> Tuple[int, int]:
     """A positive int or (height, width) pair of them, as (height, width)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or \
-            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) for v in value):
         raise TypeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
     if min(value) <= 0:
         raise ValueError(f"{name} must be positive, got {tuple(value)}")

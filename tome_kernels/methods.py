@@ -11,7 +11,6 @@ sources in their destination's row. Plans are applied by the same merge kernels 
 - ``window_match``: DSM's local stage, merging within windows of the patch grid.
 """
 
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -108,12 +107,9 @@ def kth_bipartite_match(
     merges into its most similar destination: about N / k tokens remain. k <= 1 merges
     nothing."""
     protected = _protected(metric, class_token, distill_token)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be a Python int (every k-th token is a destination), got {type(k).__name__}: {k!r}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0 (every k-th token is a destination), got {k}")
+    k = checks.check_int("k", k, 0, "every k-th token is a destination")
     impl = select_backend(backend, (metric,))
-    role, sources = roles.kth(metric.shape[-2], int(k), protected, metric.device)
+    role, sources = roles.kth(metric.shape[-2], k, protected, metric.device)
     return _plan(metric, role, sources, impl)
 
 

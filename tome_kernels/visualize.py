@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .checks import check_int_pair
+from .checks import check_int_pair, is_int
 
 PatchSize = Union[int, Sequence[int]]
 Colour = Optional[Sequence[int]]
@@ -67,7 +67,7 @@ def _one_token_map(token_map, index: Optional[int]) -> Tensor:
             if token_map.shape[0] != 1:
                 raise ValueError(f"token_map holds {token_map.shape[0]} images: say which with index=")
             index = 0
-        if isinstance(index, bool) or not isinstance(index, int):
+        if not is_int(index):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         if not -token_map.shape[0] <= index < token_map.shape[0]:
             raise ValueError(f"index={index} is out of range for a token_map of {token_map.shape[0]} images")
@@ -86,7 +86,7 @@ def _outline_colour(outline: Colour) -> Optional[Tensor]:
     if outline is None:
         return None
     if not isinstance(outline, (tuple, list)) or len(outline) != 3 or \
-            any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 255 for c in outline):
+            any(not is_int(c) or not 0 <= c <= 255 for c in outline):
         raise ValueError(f"outline must be None or an (r, g, b) triple of ints in 0-255, got {outline!r}")
     return torch.tensor(outline, dtype=torch.uint8)
 
@@ -118,7 +118,7 @@ def render_merge(image, token_map: Tensor, patch_size: PatchSize, *, index: Opti
     token_map = _one_token_map(token_map, index)
     patch_h, patch_w = check_int_pair("patch_size", patch_size)
     colour = _outline_colour(outline)
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+    if not is_int(num_prefix_tokens) or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
     _, height, width = pixels.shape
     if height == 0 or width == 0 or height % patch_h or width % patch_w:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from .schedule import RSchedule, r_per_block
 from ..methods import PITOME_MARGIN
-from .state import PADDING_SIZE, ToMeState, capture_keys, check_backend_name, check_method, tome_subclass
+from ..backends import check_backend_name
+from .state import PADDING_SIZE, ToMeState, capture_keys, check_method, tome_subclass
 
 # The attention interfaces that take an additive float mask of shape (B, 1, 1, N).
 _SUPPORTED_ATTENTION = ("eager", "sdpa")

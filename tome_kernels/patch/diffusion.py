@@ -13,7 +13,6 @@ changes, so the state_dict keeps its names while patched and ``remove`` restores
 """
 
 import math
-import numbers
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,7 +21,8 @@ from torch import Tensor, nn
 from .. import checks
 from ..methods import grid_match
 from ..plan import MergePlan
-from .state import check_backend_name, tome_subclass
+from ..backends import check_backend_name
+from .state import tome_subclass
 
 # The norm types whose forward _merged_forward reproduces: Stable Diffusion 1.x / 2.x, DiT,
 # PixArt. The others (ada_norm, ada_norm_continuous, layer_norm_i2vgen) are refused.
@@ -214,16 +214,8 @@ def _merged_forward(block: nn.Module, plan: MergePlan, hidden_states: Tensor, at
     return ff_output + hidden_states
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}: {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+    if not checks.is_real(ratio):
         raise TypeError(f"ratio must be a real number (the fraction of tokens to merge), got "
                         f"{type(ratio).__name__}: {ratio!r}")
     if not 0 <= ratio <= 1:
@@ -232,7 +224,7 @@ def _check_ratio(ratio) -> float:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not checks.is_int(seed):
         raise TypeError(f"seed must be a Python int, got {type(seed).__name__}: {seed!r}")
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
@@ -309,8 +301,8 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     settings = dict(
-        sx=_check_positive_int("sx", sx), sy=_check_positive_int("sy", sy),
-        max_downsample=_check_positive_int("max_downsample", max_downsample),
+        sx=checks.check_int("sx", sx, 1), sy=checks.check_int("sy", sy, 1),
+        max_downsample=checks.check_int("max_downsample", max_downsample, 1),
         random_dst=checks.check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_attn=checks.check_flag("merge_attn", merge_attn),
         merge_crossattn=checks.check_flag("merge_crossattn", merge_crossattn),

@@ -1,16 +1,10 @@
-"""How many tokens each block merges away: the r schedules of shared/tome_spec.md."""
+"""How many tokens each block merges away: the r schedules of docs/models.md ("r schedules")."""
 
 from typing import List, Sequence, Tuple, Union
 
+from ..checks import check_int, is_int, is_real
+
 RSchedule = Union[int, Sequence[int], Tuple[int, float]]
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value}")
-    return value
 
 
 def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
@@ -27,9 +21,9 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"r as a tuple must be (r, inflection), got {r!r}; give a per-block schedule as a list")
-        base = _check_count("r (the first item of (r, inflection))", r[0])
+        base = check_int("r (the first item of (r, inflection))", r[0])
         inflection = r[1]
-        if isinstance(inflection, bool) or not isinstance(inflection, (int, float)):
+        if not is_real(inflection):
             raise TypeError(f"the inflection of r = (r, inflection) must be a number, got {type(inflection).__name__}")
         lo = int(base * (1 - inflection))
         hi = 2 * base - lo
@@ -39,9 +33,9 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
     if isinstance(r, list):
         if len(r) > num_blocks:
             raise ValueError(f"r gives {len(r)} per-block values but the model has {num_blocks} blocks")
-        values = [_check_count(f"r[{i}]", v) for i, v in enumerate(r)]
+        values = [check_int(f"r[{i}]", v) for i, v in enumerate(r)]
         return values + [0] * (num_blocks - len(values))
-    return [_check_count("r", r)] * num_blocks
+    return [check_int("r", r)] * num_blocks
 
 
 def dsm_r_per_block(r: int, num_blocks: int, delay: int) -> List[int]:
@@ -53,8 +47,8 @@ def dsm_r_per_block(r: int, num_blocks: int, delay: int) -> List[int]:
     one token each to the earliest of them. Each block still clamps its count to what its
     token count allows, so a large r can leave part of the budget unspent.
     """
-    r = _check_count("r (an int for method='dsm': the total budget is r per block)", r)
-    if isinstance(delay, bool) or not isinstance(delay, int):
+    r = check_int("r (an int for method='dsm': the total budget is r per block)", r)
+    if not is_int(delay):
         raise TypeError(f"delay must be an int (blocks without merging), got {type(delay).__name__}")
     if not 0 <= delay < num_blocks:
         raise ValueError(f"delay must be in [0, {num_blocks}) for a model of {num_blocks} blocks, got {delay}")

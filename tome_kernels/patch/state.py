@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..api import bipartite_match, bipartite_merge
-from ..backends import _REGISTRY, requested_backend
-from ..checks import check_flag, check_int_pair, check_real
+from ..checks import check_flag, check_int, check_int_pair, check_real
 from ..methods import PITOME_MARGIN, pitome_match, window_match
 from ..plan import MergePlan
 
@@ -30,14 +29,6 @@ from ..plan import MergePlan
 # VALID_SIZE: real sizes are whole counts of real tokens, and a row's padding sums to far less.
 PADDING_SIZE = 1e-6
 VALID_SIZE = 0.5
-
-
-def check_backend_name(backend) -> str:
-    """Fail at patch time, not at the first forward pass, for a backend that does not exist."""
-    name, source = requested_backend(backend)
-    if name != "auto" and name not in _REGISTRY:
-        raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
-    return backend
 
 
 METHODS = ("tome", "pitome", "dsm")
@@ -71,12 +62,7 @@ def check_method(method, allowed: Tuple[str, ...], **options) -> MethodOptions:
         shifted=check_flag("shifted", options.get("shifted", default.shifted)),
         window=check_int_pair("window", options.get("window", default.window)),
     )
-    delay = options.get("delay", default.delay)
-    if isinstance(delay, bool) or not isinstance(delay, int):
-        raise TypeError(f"delay must be an int (blocks without merging), got {type(delay).__name__}")
-    if delay < 0:
-        raise ValueError(f"delay must be >= 0 (blocks without merging), got {delay}")
-    checked["delay"] = delay
+    checked["delay"] = check_int("delay", options.get("delay", default.delay), 0, "blocks without merging")
     users = {"margin": "pitome", "alpha": "pitome", "shifted": "pitome", "delay": "dsm", "window": "dsm"}
     unused = [name for name, user in users.items() if user != method and checked[name] != getattr(default, name)]
     if unused:

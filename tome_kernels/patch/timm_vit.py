@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..methods import PITOME_MARGIN
 from .schedule import RSchedule, dsm_r_per_block, r_per_block
-from .state import ToMeState, capture_keys, check_backend_name, check_method, tome_subclass
+from ..backends import check_backend_name
+from .state import ToMeState, capture_keys, check_method, tome_subclass
 
 class _ToMeBlock:
     """timm's Block.forward with the merge between attention and MLP."""
