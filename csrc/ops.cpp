@@ -2,7 +2,7 @@
 // implementation of each (csrc/cpu/*_cpu.cpp for CPU, csrc/cuda/ops_cuda.cpp for CUDA);
 // fake kernels and autograd are registered from Python (tome_kernels/native_ops.py).
 //
-// Conventions shared by every implementation (the contract: shared/tome_spec.md):
+// Conventions shared by every implementation (the contract: docs/semantics.md):
 // - r is already clamped by the caller and 0 < r <= (N - protected) / 2.
 // - metric is (B, N, D) or keys (B, H, N, Dh), keys averaged over heads on the fly.
 // - The groups of a matching: output row o gathers the input tokens

@@ -9,7 +9,7 @@ from tome_kernels.flops import count_gflops, flop_report
 
 timm = pytest.importorskip("timm")
 
-# ENV.md: FlopCounterMode counts DeiT-S at 9.198 GFLOP with unfused attention; the paper's
+# FlopCounterMode counts DeiT-S at 9.198 GFLOP with unfused attention; the paper's
 # 4.6 GFLOPs is half of that, one multiply-add per FLOP.
 DEIT_S_GMACS = 4.598882304
 

@@ -1,4 +1,4 @@
-"""The merge contract (shared/tome_spec.md) in plain, device-agnostic PyTorch.
+"""The merge contract (docs/semantics.md) in plain, device-agnostic PyTorch.
 
 This is the executable form of the contract: the fallback backend, the tests and the
 benchmarks all import it, and every fast backend is tested against it. It is differentiable

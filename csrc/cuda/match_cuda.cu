@@ -1,5 +1,5 @@
 // Matching kernels: for every A token, its best cosine score over the B tokens and the
-// lowest B index reaching it (shared/tome_spec.md, "Matching", steps 1-4).
+// lowest B index reaching it (docs/semantics.md, "Matching", steps 1-4).
 //
 // 1. normalize_kernel, one warp per token: the metric row (keys averaged over their H heads
 //    as they load) in float32, divided by max(norm, 1e-12), into a (B, N, padded_d) scratch

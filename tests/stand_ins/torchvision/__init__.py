@@ -1,5 +1,5 @@
 """A stand-in for torchvision, only so that timm imports on a machine where no torchvision
-build runs (the CPU torch here has none; see ../shared/ENV.md).
+build runs (no torchvision build on PyPI runs beside the CPU torch 2.13 this project pins).
 
 timm imports names from torchvision at module level (data transforms, datasets, a frozen
 batch norm) that no Vision Transformer uses. Every such name resolves here to a placeholder
