@@ -8,6 +8,8 @@ with timing disabled is still a test. ``python -m benchmarks.run`` gives the ful
 (bandwidth, memory, speed-ups) and saves raw timings.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -53,7 +55,11 @@ def test_merge_step(benchmark, shape, provider, pass_name):
     if shape.method == "tome":
         expected = make_step("reference", shape, inputs, backward)()
         exact = make_step("reference", shape, inputs64, backward)()
-        assert_within_twice_reference_error(step(), expected, exact, msg=provider)
+        # The size gradient (the backward's last output) sums over the C channels, each path
+        # in its own order: that rounding grows as sqrt(C), and so does its floor.
+        ulps = [4, 4, 4, 4 * math.sqrt(shape.channels)]
+        for part, (got, want, truth) in enumerate(zip(step(), expected, exact)):
+            assert_within_twice_reference_error(got, want, truth, ulps=ulps[part], msg=f"{provider} output {part}")
     elif provider == "reference":
         # The yardstick itself: its plan and merge are the same at every call.
         for got, want in zip(step(), step()):
