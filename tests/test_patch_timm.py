@@ -294,7 +294,9 @@ def test_average_pooling_is_weighted_by_size():
 
 def test_bfloat16_patched_model_on_every_backend():
     model = make_model(depth=2, img_size=64)
-    x = images(2, 64)
+    # Seed 198: every merge here wins by >= 0.026 in float64, ten times bfloat16's error on
+    # the scores, so every backend and CPU merges alike (images()' seed has a near-tie).
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(198))
     # The truth: the reference on a float64 copy, with the same merges (the same sizes).
     model64 = tome_patch.timm(copy.deepcopy(model).double(), 4, backend="reference")
     exact = logits(model64, x.double())
