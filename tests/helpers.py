@@ -41,8 +41,8 @@ def assert_within_twice_reference_error(got, ref, truth, *, ulps=4, also=(), msg
     against ``truth``.
 
     got: the path under test. ref: the reference path, in got's dtype. truth: the same
-    computation in float64 (a float32 truth only where it is exact, e.g. sizes that are
-    token counts). Tuples such as (x, size) are compared part by part. ``also``: more
+    computation in float64 (or float32 where that is exact or rounded once from float64, as
+    sizes are). Tuples such as (x, size) are compared part by part. ``also``: more
     (ref, truth) pairs whose error may set the budget, the largest one counting (e.g. the
     unmerged model along the path under test, when that path's attention kernel is not the
     reference's). Where truth is not finite, got must be the same value.
