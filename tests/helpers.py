@@ -56,12 +56,12 @@ def assert_within_twice_reference_error(got, ref, truth, *, ulps=4, also=(), msg
         assert g.shape == r.shape == t.shape, f"{where}: shapes {tuple(g.shape)}, {tuple(r.shape)}, {tuple(t.shape)}"
         assert g.dtype == r.dtype, f"{where}: got is {g.dtype} but the reference path is {r.dtype}"
         ref_errors = [_error(r, t)] + [_error(o_r[i], o_t[i].detach().to(torch.float64)) for o_r, o_t in others]
-        assert all(math.isfinite(e) for e in ref_errors), f"{where}: a reference path is not finite where truth is"
+        assert all(math.isfinite(e) for e in ref_errors), f"{where}: a reference path has NaN or inf unlike truth"
         scale = t[t.isfinite()].abs().max().item() if bool(t.isfinite().any()) else 0.0
         floor = ulps * torch.finfo(g.dtype).eps * scale
         err, ref_err = _error(g, t), max(ref_errors)
         assert err <= 2 * ref_err + floor, (
-            f"{where}: error {err:.3e} against float64 > 2 x reference error {ref_err:.3e} + {ulps} ulps "
+            f"{where}: error {err:.3e} against float64 > 2 x reference error {ref_err:.3e} + {ulps:.3g} ulps "
             f"{floor:.3e} (= {2 * ref_err + floor:.3e})"
         )
 
