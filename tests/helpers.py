@@ -1,0 +1,99 @@
+"""What "close enough" means when a test compares two numerical paths.
+
+BLAS, SDPA and ATen's vector kernels choose their code path from the CPU (SSE, AVX2,
+AVX-512) and the thread count, so float results of two paths differ in their last bits by
+amounts no fixed tolerance fits on every machine. The project's rule instead:
+
+    the path under test may differ from a float64 ground truth (same plan, same merge
+    decisions) by at most twice what the reference path, in the same dtype, differs from
+    it, plus a floor of a few ulps of the dtype at the output's scale.
+
+The reference's own error is measured on the machine that runs the test, so the budget
+follows the machine. A logic error (a wrong group, a missing weight, a stale row) is far
+outside it: it is an error of the size of the values, not of their rounding.
+"""
+
+import math
+
+import torch
+
+from tome_kernels import reference
+
+
+def _parts(value):
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def _error(value, truth):
+    """max |value - truth| over the finite entries of truth (float64); inf if value is NaN
+    or infinite there, or if it differs from a non-finite truth (inf, -inf, NaN)."""
+    value = value.detach().to(torch.float64)
+    finite = truth.isfinite()
+    same = (value == truth) | (value.isnan() & truth.isnan())
+    if not bool(same[~finite].all()):
+        return math.inf
+    diff = (value - truth)[finite].abs().nan_to_num(nan=math.inf)
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_within_twice_reference_error(got, ref, truth, *, ulps=4, also=(), msg=""):
+    """err(got) <= 2 * err(ref) + ulps * eps(got.dtype) * max|truth|, err = max-abs error
+    against ``truth``.
+
+    got: the path under test. ref: the reference path, in got's dtype. truth: the same
+    computation in float64 (or float32 where that is exact or rounded once from float64, as
+    sizes are). Tuples such as (x, size) are compared part by part. ``also``: more
+    (ref, truth) pairs whose error may set the budget, the largest one counting (e.g. the
+    unmerged model along the path under test, when that path's attention kernel is not the
+    reference's). Where truth is not finite, got must be the same value.
+    """
+    gots, refs, truths = _parts(got), _parts(ref), _parts(truth)
+    assert len(gots) == len(refs) == len(truths), (len(gots), len(refs), len(truths))
+    others = [(_parts(r), _parts(t)) for r, t in also]
+    for i, (g, r, t) in enumerate(zip(gots, refs, truths)):
+        where = f"{msg} [part {i}]" if len(gots) > 1 else msg
+        t = t.detach().to(torch.float64)
+        assert g.shape == r.shape == t.shape, f"{where}: shapes {tuple(g.shape)}, {tuple(r.shape)}, {tuple(t.shape)}"
+        assert g.dtype == r.dtype, f"{where}: got is {g.dtype} but the reference path is {r.dtype}"
+        ref_errors = [_error(r, t)] + [_error(o_r[i], o_t[i].detach().to(torch.float64)) for o_r, o_t in others]
+        assert all(math.isfinite(e) for e in ref_errors), f"{where}: a reference path has NaN or inf unlike truth"
+        scale = t[t.isfinite()].abs().max().item() if bool(t.isfinite().any()) else 0.0
+        floor = ulps * torch.finfo(g.dtype).eps * scale
+        err, ref_err = _error(g, t), max(ref_errors)
+        assert err <= 2 * ref_err + floor, (
+            f"{where}: error {err:.3e} against float64 > 2 x reference error {ref_err:.3e} + {ulps:.3g} ulps "
+            f"{floor:.3e} (= {2 * ref_err + floor:.3e})"
+        )
+
+
+def normalized_float64(metric):
+    """``reference.normalized_metric`` in float64: head mean, unit rows."""
+    m = metric.detach().to(torch.float64)
+    if m.dim() == 4:
+        m = m.mean(dim=1)
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
+
+
+def energy_float64(metric, margin, alpha=1.0, shifted=False):
+    """PiToMe's energy by ``tome_kernels.energy.energy``'s formula, in float64 throughout
+    (that function scores in float32 whatever the input dtype, so it cannot be its own
+    truth): the mean over j of f(cos(k_i, k_j)), NaN similarities left out, -inf when none
+    is left."""
+    m = normalized_float64(metric)
+    sim = m @ m.transpose(-1, -2)
+    above = sim - margin if shifted else sim
+    f = torch.where(sim >= margin, above, alpha * torch.expm1(sim - margin))
+    valid = ~sim.isnan()
+    count = valid.sum(dim=-1)
+    total = torch.where(valid, f, 0.0).sum(dim=-1)
+    return torch.where(count > 0, total / count.clamp_min(1), -math.inf)
+
+
+def best_float64(metric, best, dst):
+    """The float64 cosine of each source with the destination ``dst`` it was given (the
+    truth of ``partition.assign``'s ``best`` for those decisions); entries where ``best`` is
+    -inf (no destination, or only NaN scores) stay -inf."""
+    m = normalized_float64(metric)
+    chosen = m.gather(1, dst.clamp_min(0)[..., None].expand_as(m))
+    cosine = (m * chosen).sum(-1)
+    return torch.where(best.isfinite(), cosine, best.to(torch.float64))
