@@ -6,7 +6,7 @@
   ``FORCE_ONLY_CPU=1``: never build it (wins over FORCE_CUDA). ``TORCH_CUDA_ARCH_LIST``:
   the architectures (default: extension_build.DEFAULT_CUDA_ARCHS).
 - The sources are shipped in the package (``tome_kernels/_csrc/``), so that an installation
-  without ``_C_cuda`` can still JIT-build it (tome_kernels/extension_build.py).
+  without ``_C_cuda`` can still JIT-build it (tome_kernels/backends/native/extension_build.py).
 
 Build with the torch you run with: ``pip install --no-build-isolation .`` (``-e`` for an
 in-place build). Nothing here queries a GPU or the network.
@@ -32,7 +32,7 @@ except ImportError as error:
 
 def _extension_build():
     # The loader's flags and source list, read without importing the package.
-    path = os.path.join(ROOT, "tome_kernels", "extension_build.py")
+    path = os.path.join(ROOT, "tome_kernels", "backends", "native", "extension_build.py")
     spec = importlib.util.spec_from_file_location("_tome_kernels_extension_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,7 +17,8 @@ import torch
 
 import tome_kernels
 from tome_kernels import reference
-from tome_kernels.backends import Backend, cannot_run_reasons, select_backend
+from tome_kernels.backends import cannot_run_reasons, select_backend
+from tome_kernels.backends.base import Backend
 from tome_kernels.plan import MergePlan
 
 from .measure import rel_err
@@ -167,7 +168,7 @@ def _forward_fn(provider: str, shape: Shape) -> Callable:
     if provider == "reference_compiled":
         return torch.compile(reference_step, dynamic=False)
     if provider in TRITON_PATHS:
-        from tome_kernels.triton_kernels import ops
+        from tome_kernels.backends.triton import ops
 
         one_pass = TRITON_PATHS[provider]
         # The operator itself, to time one path whatever the crossover in launch.py says.

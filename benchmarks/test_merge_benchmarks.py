@@ -15,11 +15,19 @@ import torch
 
 import tome_kernels
 from tests.helpers import assert_within_twice_reference_error, energy_float64
-from tome_kernels.backends import Backend, select_backend
+from tome_kernels.backends import select_backend
+from tome_kernels.backends.base import Backend
 from tome_kernels.plan import MergePlan
 
 from .providers import (
-    applies, apply_plan, make_inputs, make_step, method_agreement, method_plan, provider_names, unavailable_reason,
+    applies,
+    apply_plan,
+    make_inputs,
+    make_step,
+    method_agreement,
+    method_plan,
+    provider_names,
+    unavailable_reason,
 )
 from .shapes import default_shapes
 

@@ -1,6 +1,6 @@
 // The operators of the native extensions, declared once. Every device registers its own
 // implementation of each (csrc/cpu/*_cpu.cpp for CPU, csrc/cuda/ops_cuda.cpp for CUDA);
-// fake kernels and autograd are registered from Python (tome_kernels/native_ops.py).
+// fake kernels and autograd are registered from Python (tome_kernels/backends/native/ops.py).
 //
 // Conventions shared by every implementation (the contract: docs/semantics.md):
 // - r is already clamped by the caller and 0 < r <= (N - protected) / 2.

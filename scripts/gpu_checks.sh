@@ -6,6 +6,6 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 TOME_TEST_DEVICE=cuda "$PYTHON" -m pytest tests benchmarks/test_merge_benchmarks.py --benchmark-disable -q -rs
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m tests.sanitize_case
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m tests.backends.sanitize_case
 "$PYTHON" -m benchmarks.run "$@"
 "$PYTHON" -m benchmarks.e2e_vit

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from benchmarks.timm_import import use_stand_in_if_needed  # noqa: E402
-from tome_kernels import backends  # noqa: E402
+from tome_kernels.backends import registry  # noqa: E402
 
 # timm imports torchvision, which has no build for the CPU torch here: a stand-in that only
 # lets timm import is used when (and only when) the real one is missing.
@@ -24,9 +24,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _isolated_backend_state(monkeypatch):
     """Each test sees the real registry, no env override and a fresh warn-once memory."""
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_warned", set())
     torch.manual_seed(0)
     yield
 

@@ -1,8 +1,11 @@
-"""What "close enough" means when a test compares two numerical paths.
+"""Helpers shared by several test modules (test modules never import one another): the
+repository root, the tolerance rule and its float64 truths, poisoned Triton buffers, and
+small model runners.
 
-BLAS, SDPA and ATen's vector kernels choose their code path from the CPU (SSE, AVX2,
-AVX-512) and the thread count, so float results of two paths differ in their last bits by
-amounts no fixed tolerance fits on every machine. The project's rule instead:
+What "close enough" means when a test compares two numerical paths: BLAS, SDPA and ATen's
+vector kernels choose their code path from the CPU (SSE, AVX2, AVX-512) and the thread
+count, so float results of two paths differ in their last bits by amounts no fixed tolerance
+fits on every machine. The project's rule instead:
 
     the path under test may differ from a float64 ground truth (same plan, same merge
     decisions) by at most twice what the reference path, in the same dtype, differs from
@@ -14,10 +17,15 @@ outside it: it is an error of the size of the values, not of their rounding.
 """
 
 import math
+import os
 
 import torch
 
-from tome_kernels import reference
+from tome_kernels import available_backends, reference
+
+# The repository (tests/ is one folder down).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAN = float("nan")
 
 
 def _parts(value):
@@ -97,3 +105,44 @@ def best_float64(metric, best, dst):
     chosen = m.gather(1, dst.clamp_min(0)[..., None].expand_as(m))
     cosine = (m * chosen).sum(-1)
     return torch.where(best.isfinite(), cosine, best.to(torch.float64))
+
+
+def poison_triton_buffers(monkeypatch):
+    """Every buffer launch.py allocates starts as NaN (floats) or -7 (ints), so an output
+    element a kernel forgets to write fails the comparison instead of passing by luck."""
+    from tome_kernels.backends.triton import launch  # imports triton: only where it is used
+
+    class PoisonedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*shape, **kwargs):
+            t = torch.empty(*shape, **kwargs)
+            return t.fill_(NAN if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(launch, "torch", PoisonedTorch())
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out
+
+
+def tokens_seen_by_blocks(model, x):
+    """Token count of each block's output, recorded by forward hooks."""
+    counts = []
+    hooks = [b.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for b in model.blocks]
+    logits(model, x)
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def runnable_backends():
+    names = ["reference"]
+    for name, status in available_backends().items():
+        if status.available and name not in names and name != "cuda":
+            names.append(name)
+    return names

@@ -7,12 +7,12 @@ that cannot load records why (see ``available_backends()``).
 
 from . import patch
 from .api import bipartite_match, bipartite_merge
-from .methods import grid_match, kth_bipartite_match, pitome_match, pitome_merge, random_bipartite_match, window_match
 from .backends import ENV_VAR, BackendFallbackWarning, BackendStatus, available_backends, register_backend
+from .backends.native.backend import NativeBackend
+from .backends.triton.backend import TritonBackend
+from .methods import grid_match, kth_bipartite_match, pitome_match, pitome_merge, random_bipartite_match, window_match
 from .plan import MergePlan
 from .reference import MERGE_MODES
-from .native_backend import NativeBackend
-from .triton_backend import TritonBackend
 
 # Preference order of "auto": each backend runs only some inputs, and the first that can
 # run them wins. CPU tensors: the "cpu" extension, else the reference. CUDA tensors:

@@ -16,9 +16,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import checks, partition, roles
-from .backends import Backend, select_backend
+from . import checks
+from .backends import select_backend
+from .backends.base import Backend
 from .plan import MergePlan
+from .reference import partition, roles
 
 # PiToMe's margin at the first block (Tran et al. 2024); the patches lower it with depth.
 PITOME_MARGIN = 0.9

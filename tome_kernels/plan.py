@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from . import checks
-from .backends import Backend, Plan
+from .backends.base import Backend, Plan
 from .reference import MatchResult
 
 # Applies a plan to tensors its own backend cannot run (e.g. float64 with the Triton one).

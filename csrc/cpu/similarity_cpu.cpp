@@ -1,6 +1,6 @@
 // CPU kernels of the row reductions over the token-token cosine similarity of a batch row:
-// `assign` (each source token's best destination, tome_kernels/partition.py) and `energy`
-// (PiToMe's energy, tome_kernels/energy.py).
+// `assign` (each source token's best destination, tome_kernels/reference/partition.py) and
+// `energy` (PiToMe's energy, tome_kernels/reference/energy.py).
 //
 // Both start from the unit rows of the metric (keys averaged over heads as they are read),
 // rounded to float32 as the reference scores them, in a (B, N, D) scratch. Tiles of up to

@@ -1,6 +1,6 @@
 // Row reductions over the token-token cosine similarity of a batch row, the CUDA side of
 // csrc/cpu/similarity_cpu.cpp: `assign` (each source token's best destination,
-// tome_kernels/partition.py) and `energy` (PiToMe's energy, tome_kernels/energy.py).
+// tome_kernels/reference/partition.py) and `energy` (PiToMe's energy, tome_kernels/reference/energy.py).
 //
 // 1. unit_rows_kernel, one warp per token: the metric row (keys averaged over heads as they
 //    load) in float32, divided by max(norm, 1e-12), into a (B, N, D) scratch.

@@ -23,10 +23,12 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from .schedule import RSchedule, r_per_block
-from ..methods import PITOME_MARGIN
 from ..backends import check_backend_name
-from .state import PADDING_SIZE, ToMeState, capture_keys, check_method, tome_subclass
+from ..methods import PITOME_MARGIN
+from .hooks import capture_keys, tome_subclass
+from .options import check_method
+from .schedule import RSchedule, r_per_block
+from .state import PADDING_SIZE, ToMeState
 
 # The attention interfaces that take an additive float mask of shape (B, 1, 1, N).
 _SUPPORTED_ATTENTION = ("eager", "sdpa")

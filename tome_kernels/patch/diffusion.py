@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
+from ..backends import check_backend_name
 from ..methods import grid_match
 from ..plan import MergePlan
-from ..backends import check_backend_name
-from .state import tome_subclass
+from .hooks import tome_subclass
 
 # The norm types whose forward _merged_forward reproduces: Stable Diffusion 1.x / 2.x, DiT,
 # PixArt. The others (ada_norm, ada_norm_continuous, layer_norm_i2vgen) are refused.

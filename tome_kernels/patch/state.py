@@ -5,21 +5,21 @@ A patched block cannot pass sizes or source maps to the next block through its r
 block resets them, every block reads and updates them, and the caller can read them after
 the forward pass (``tome_kernels.patch.get_state(model)``).
 
-The state also decides how each block matches (``method``): ToMe's bipartite matching,
-PiToMe's energy-protected matching, or DSM (windows of the patch grid at its first merging
-block, ToMe's matching after it); every method's plan is applied by the same size-weighted
-merge.
+The state also runs each block's matching by the model's method (``options.py``): ToMe's
+bipartite matching, PiToMe's energy-protected matching, or DSM (windows of the patch grid
+at its first merging block, ToMe's matching after it); every method's plan is applied by
+the same size-weighted merge.
 """
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..api import bipartite_match, bipartite_merge
-from ..checks import check_flag, check_int, check_int_pair, check_real
-from ..methods import PITOME_MARGIN, pitome_match, window_match
+from ..methods import pitome_match, window_match
 from ..plan import MergePlan
+from .options import MethodOptions
 
 # A padded position's size. Padding is kept out of the matching (NaN keys), but when a row
 # has fewer real candidates than r, padded tokens are still merged away (into a real token:
@@ -29,45 +29,6 @@ from ..plan import MergePlan
 # VALID_SIZE: real sizes are whole counts of real tokens, and a row's padding sums to far less.
 PADDING_SIZE = 1e-6
 VALID_SIZE = 0.5
-
-
-METHODS = ("tome", "pitome", "dsm")
-
-
-class MethodOptions(NamedTuple):
-    """How the blocks match. ``margin``, ``alpha``, ``shifted``: PiToMe's energy (the margin
-    of block l of L is ``margin * (1 - l / L)``); ``delay``: DSM's first merging block, which
-    merges within ``window`` windows of the patch grid."""
-
-    method: str = "tome"
-    margin: float = PITOME_MARGIN
-    alpha: float = 1.0
-    shifted: bool = False
-    delay: int = 0
-    window: Tuple[int, int] = (2, 2)
-
-
-def check_method(method, allowed: Tuple[str, ...], **options) -> MethodOptions:
-    """The checked options of ``method``. An option the method does not use must keep its
-    default: a margin given with method="tome" would otherwise be ignored without a word."""
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a str, one of {', '.join(allowed)}; got {type(method).__name__}")
-    if method not in allowed:
-        why = " (DSM merges in windows of a patch grid: timm ViTs only)" if method in METHODS else ""
-        raise ValueError(f"method must be one of {', '.join(allowed)}, got {method!r}{why}")
-    default = MethodOptions()
-    checked = dict(
-        margin=check_real("margin", options.get("margin", default.margin)),
-        alpha=check_real("alpha", options.get("alpha", default.alpha)),
-        shifted=check_flag("shifted", options.get("shifted", default.shifted)),
-        window=check_int_pair("window", options.get("window", default.window)),
-    )
-    checked["delay"] = check_int("delay", options.get("delay", default.delay), 0, "blocks without merging")
-    users = {"margin": "pitome", "alpha": "pitome", "shifted": "pitome", "delay": "dsm", "window": "dsm"}
-    unused = [name for name, user in users.items() if user != method and checked[name] != getattr(default, name)]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} apply to method={users[unused[0]]!r} only, not method={method!r}")
-    return MethodOptions(method, **checked)
 
 
 class ToMeState:
@@ -206,27 +167,3 @@ class ToMeState:
         if self.token_map is None:
             raise ValueError("source_matrix: no tokens were merged in the last forward pass (or none ran yet)")
         return nn.functional.one_hot(self.token_map, self.size.shape[1]).transpose(1, 2).to(torch.float32)
-
-
-_SUBCLASSES = {}
-
-
-def tome_subclass(cls: type, mixin: type) -> type:
-    """The class a patched module takes: ``mixin``'s forward over ``cls``. One per original
-    class, so that isinstance checks keep working and ``remove`` knows what to restore."""
-    key = (cls, mixin)
-    if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"ToMe{cls.__name__}", (mixin, cls), {"_tome_original_class": cls})
-    return _SUBCLASSES[key]
-
-
-def capture_keys(module: nn.Module, state: ToMeState, to_heads=None):
-    """Hand the output of ``module`` (what an attention makes its keys with) to ``state``,
-    so that the merge gets the keys as keys (B, H, N, Dh) and no head-mean is ever
-    materialised. A forward hook rather than a wrapper module, so that the model's
-    state_dict keeps its names while patched. Returns the hook's handle."""
-
-    def hand_over(_module, _inputs, keys):
-        state.keys = keys if to_heads is None else to_heads(keys)
-
-    return module.register_forward_hook(hand_over)

@@ -11,10 +11,13 @@ from typing import List, Tuple
 
 from torch import Tensor, nn
 
-from ..methods import PITOME_MARGIN
-from .schedule import RSchedule, dsm_r_per_block, r_per_block
 from ..backends import check_backend_name
-from .state import ToMeState, capture_keys, check_method, tome_subclass
+from ..methods import PITOME_MARGIN
+from .hooks import capture_keys, tome_subclass
+from .options import check_method
+from .schedule import RSchedule, dsm_r_per_block, r_per_block
+from .state import ToMeState
+
 
 class _ToMeBlock:
     """timm's Block.forward with the merge between attention and MLP."""

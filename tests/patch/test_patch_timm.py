@@ -1,0 +1,315 @@
+"""tome_kernels.patch.timm on timm's VisionTransformer family (random weights: no download)."""
+
+import copy
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+import tome_kernels.patch as tome_patch  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_within_twice_reference_error,  # noqa: E402
+    logits,
+    runnable_backends,
+    tokens_seen_by_blocks,
+)
+from tome_kernels.patch.schedule import r_per_block  # noqa: E402
+from tome_kernels.reference import clamp_r  # noqa: E402
+
+# Small members of each family: class token, distillation token, LayerScale, qk_norm, and a
+# model without class token that averages its tokens.
+VARIANTS = {
+    "vit": ("vit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "layerscale": ("deit3_small_patch16_224", {"embed_dim": 192, "num_heads": 3}),
+    "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+    "avg_pool": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+}
+
+
+def make_model(variant="vit", depth=4, img_size=96, **extra):
+    name, kwargs = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, depth=depth, img_size=img_size, **kwargs, **extra)
+    return model.eval()
+
+
+def images(batch=2, img_size=96):
+    return torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+
+
+def expected_counts(n, schedule, protected):
+    counts = []
+    for r in schedule:
+        n -= clamp_r(r, n, protected >= 1, protected >= 2)
+        counts.append(n)
+    return counts
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("prop_attn", [True, False])
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_r0_is_the_unpatched_model(variant, prop_attn, fused_attn):
+    model = make_model(variant)
+    for block in model.blocks:
+        block.attn.fused_attn = fused_attn
+    x = images()
+    expected = logits(model, x)
+    tome_patch.timm(model, 0, prop_attn=prop_attn)
+    assert torch.equal(logits(model, x), expected)
+
+
+@pytest.mark.parametrize("variant", ["vit", "deit_distilled", "avg_pool"])
+@pytest.mark.parametrize("r", [3, [0, 10, 2], (6, 1.0), (6, -1.0), 1000])
+def test_token_count_after_every_block(variant, r):
+    model = make_model(variant)
+    protected = {"vit": 1, "deit_distilled": 2, "avg_pool": 0}[variant]
+    n0 = (96 // 16) ** 2 + protected
+    tome_patch.timm(model, r)
+    schedule = r_per_block(r, len(model.blocks))
+    assert tokens_seen_by_blocks(model, images()) == expected_counts(n0, schedule, protected)
+
+
+def test_schedules():
+    assert r_per_block(5, 3) == [5, 5, 5]
+    assert r_per_block([4, 2], 4) == [4, 2, 0, 0]
+    # (r, inflection): lo = int(r (1 - inflection)), hi = 2 r - lo, linear over the blocks.
+    assert r_per_block((8, 0), 4) == [8, 8, 8, 8]
+    assert r_per_block((8, 1), 5) == [0, 4, 8, 12, 16]
+    assert r_per_block((8, -1), 5) == [16, 12, 8, 4, 0]
+    assert r_per_block((6, 0.5), 3) == [3, 6, 9]
+    assert r_per_block((7, 1), 1) == [7]
+
+
+@pytest.mark.parametrize(
+    "r, error, words",
+    [
+        (-1, ValueError, "r must be >= 0"),
+        (2.5, TypeError, "r must be a Python int"),
+        (True, TypeError, "r must be"),
+        ([1, 2, 3, 4, 5], ValueError, "5 per-block values but the model has 4 blocks"),
+        ([1, -2], ValueError, "r[1]"),
+        ((1, 2, 3), ValueError, "(r, inflection)"),
+        ((4, "x"), TypeError, "inflection"),
+    ],
+)
+def test_bad_schedules_leave_the_model_alone(r, error, words):
+    model = make_model()
+    tome_patch.timm(model, 2)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+        tome_patch.timm(model, r)
+    # The earlier patch is still in force: nothing was half-done.
+    assert tome_patch.get_state(model).r == [2, 2, 2, 2]
+
+
+def test_bad_models_and_arguments():
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        tome_patch.timm(torch.nn.Linear(2, 2), 4)
+    with pytest.raises(ValueError, match="register tokens"):
+        tome_patch.timm(make_model(reg_tokens=2), 4)
+    from timm.models.vision_transformer import ResPostBlock
+
+    with pytest.raises(ValueError, match=r"blocks\[0\] is a ResPostBlock"):
+        tome_patch.timm(make_model(block_fn=ResPostBlock), 4)
+    with pytest.raises(ValueError, match="'nope' is not a backend"):
+        tome_patch.timm(make_model(), 4, backend="nope")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        tome_patch.timm(make_model(), 4, backend=None)
+    checkpointed = make_model()
+    checkpointed.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        tome_patch.timm(checkpointed, 4)
+    patched = tome_patch.timm(make_model(), 4)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        patched.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="takes no attn_mask"):
+        patched.forward_features(images(), attn_mask=torch.zeros(1))
+    with pytest.raises(ValueError, match="not patched"):
+        tome_patch.get_state(make_model())
+
+
+@pytest.mark.parametrize("variant", ["vit", "deit_distilled", "layerscale"])
+def test_every_backend_gives_the_same_logits(variant):
+    model = make_model(variant, depth=3, img_size=64)
+    x = images(2, 64)
+    # The truth: the reference on a float64 copy, with the same merges (the same sizes).
+    model64 = tome_patch.timm(copy.deepcopy(model).double(), 5, backend="reference")
+    exact = logits(model64, x.double())
+    results = {}
+    for name in runnable_backends():
+        tome_patch.timm(model, 5, backend=name)
+        results[name] = logits(model, x)
+        protected = 2 if variant == "deit_distilled" else 1
+        assert tome_patch.get_state(model).size.shape[1] == expected_counts(16 + protected, [5] * 3, protected)[-1]
+        assert torch.equal(tome_patch.get_state(model).size, tome_patch.get_state(model64).size), name
+    assert len(results) >= 2, f"only {list(results)} can run here"
+    for name, out in results.items():
+        assert_within_twice_reference_error(out, results["reference"], exact, msg=name)
+
+
+def test_remove_restores_the_model():
+    model = make_model("qk_norm")
+    x = images()
+    expected = logits(model, x)
+    keys = list(model.state_dict())
+    classes = [type(model)] + [type(b) for b in model.blocks]
+    tome_patch.timm(model, 8, trace_source=True)
+    assert list(model.state_dict()) == keys, "patching must not rename parameters"
+    assert not torch.equal(logits(model, x), expected)
+    assert tome_patch.remove(model) is model
+    assert [type(model)] + [type(b) for b in model.blocks] == classes
+    assert not tome_patch.is_patched(model)
+    assert all(not b.attn.k_norm._forward_hooks for b in model.blocks)
+    assert not any(hasattr(m, "_tome_state") for m in model.modules())
+    assert torch.equal(logits(model, x), expected)
+    # Removing twice, or from a model never patched, changes nothing.
+    assert tome_patch.remove(model) is model
+    assert torch.equal(logits(model, x), expected)
+
+
+def test_patching_again_replaces_the_settings():
+    model = make_model()
+    tome_patch.timm(model, 2)
+    tome_patch.timm(model, 7, prop_attn=False)
+    state = tome_patch.get_state(model)
+    assert (state.r, state.prop_attn) == ([7] * 4, False)
+    assert all(len(b.attn.k_norm._forward_hooks) == 1 for b in model.blocks)
+    # The model and blocks are subclassed once, from their original classes, not twice.
+    assert type(model)._tome_original_class is timm.models.vision_transformer.VisionTransformer
+    assert type(model.blocks[0])._tome_original_class is timm.models.vision_transformer.Block
+
+
+@pytest.mark.parametrize("variant", ["vit", "deit_distilled"])
+def test_source_tracing(variant):
+    model = make_model(variant)
+    x = images()
+    tome_patch.timm(model, 6)
+    untraced = logits(model, x)
+    tome_patch.timm(model, 6, trace_source=True)
+    assert torch.equal(logits(model, x), untraced), "tracing must not change the result"
+    state = tome_patch.get_state(model)
+    n_out = state.size.shape[1]
+    assert state.token_map.shape == (2, x.shape[-1] ** 2 // 256 + 1 + (variant == "deit_distilled"))
+    assert state.token_map.dtype == torch.int64
+    # Each final token stands for exactly the input tokens that map to it.
+    for b in range(2):
+        counts = torch.bincount(state.token_map[b], minlength=n_out)
+        assert torch.equal(counts.float(), state.size[b, :, 0])
+    assert (state.token_map[:, 0] == 0).all(), "the class token stays at row 0"
+    if variant == "deit_distilled":
+        assert (state.token_map[:, 1] == 1).all()
+    dense = state.source_matrix()
+    assert dense.shape == (2, n_out, state.token_map.shape[1])
+    assert torch.equal(dense.sum(dim=1), torch.ones_like(dense.sum(dim=1)))
+    assert torch.equal(dense.sum(dim=2, keepdim=True), state.size)
+
+
+def test_source_matrix_needs_tracing():
+    model = make_model()
+    tome_patch.timm(model, 4)
+    logits(model, images())
+    with pytest.raises(ValueError, match="trace_source=True"):
+        tome_patch.get_state(model).source_matrix()
+
+
+def test_proportional_attention_counts_a_token_as_its_size():
+    """Attention with log(size) added equals attention over the keys repeated size times."""
+    torch.manual_seed(0)
+    model = make_model()
+    attn = model.blocks[0].attn
+    state = tome_patch.ToMeState([0], class_token=True, distill_token=False, prop_attn=True,
+                                 trace_source=False, backend="auto")
+    tokens = torch.randn(1, 5, 192)
+    sizes = torch.tensor([1.0, 3.0, 1.0, 2.0, 1.0])
+    state.size, state.merged = sizes.view(1, 5, 1), True
+    repeated = tokens.repeat_interleave(sizes.long(), dim=1)
+    first_copy = torch.cumsum(sizes.long(), 0) - sizes.long()
+    attn64 = copy.deepcopy(attn).double()
+    with torch.no_grad():
+        for fused in (True, False):
+            attn.fused_attn = attn64.fused_attn = fused
+            weighted = attn(tokens, attn_mask=state.attention_bias(tokens.dtype))
+            plain = attn(repeated)[:, first_copy]
+            # The repeated keys are the reference path; in float64, the truth.
+            exact = attn64(repeated.double())[:, first_copy]
+            assert_within_twice_reference_error(weighted, plain, exact, msg=f"fused_attn={fused}")
+
+
+def test_proportional_attention_switch():
+    model = make_model()
+    x = images()
+    # The truth: a float64 copy, with the same merges (the same sizes). The unfused attention
+    # under test is not the fused (SDPA) one it is compared with: the unpatched model's error
+    # along the unfused attention may set the budget.
+    model64 = copy.deepcopy(model).double()
+    for block in model64.blocks:
+        block.attn.fused_attn = False
+    unfused = copy.deepcopy(model)
+    for block in unfused.blocks:
+        block.attn.fused_attn = False
+    unpatched = (logits(unfused, x), logits(model64, x.double()))
+    tome_patch.timm(model64, 8, prop_attn=True)
+    exact = logits(model64, x.double())
+    tome_patch.timm(model, 8, prop_attn=True)
+    with_prop = logits(model, x)
+    assert torch.equal(tome_patch.get_state(model).size, tome_patch.get_state(model64).size)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    assert_within_twice_reference_error(logits(model, x), with_prop, exact, also=[unpatched])
+    tome_patch.timm(model, 8, prop_attn=False)
+    assert not torch.allclose(logits(model, x), with_prop, rtol=1e-3, atol=1e-4)
+
+
+def test_average_pooling_is_weighted_by_size():
+    model = make_model("avg_pool")
+    tome_patch.timm(model, 8)
+    with torch.no_grad():
+        features = model.forward_features(images())
+        pooled = model.pool(features)
+    size = tome_patch.get_state(model).size
+    torch.testing.assert_close(pooled, (features * size).sum(1) / size.sum(1))
+
+
+def test_bfloat16_patched_model_on_every_backend():
+    model = make_model(depth=2, img_size=64)
+    # Seed 198: every merge here wins by >= 0.026 in float64, ten times bfloat16's error on
+    # the scores, so every backend and CPU merges alike (images()' seed has a near-tie).
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(198))
+    # The truth: the reference on a float64 copy, with the same merges (the same sizes).
+    model64 = tome_patch.timm(copy.deepcopy(model).double(), 4, backend="reference")
+    exact = logits(model64, x.double())
+    reference_out = None
+    for name in runnable_backends():
+        tome_patch.timm(model, 4, backend=name)
+        out = logits(model.to(torch.bfloat16), x.to(torch.bfloat16))
+        assert torch.isfinite(out).all()
+        assert torch.equal(tome_patch.get_state(model).size, tome_patch.get_state(model64).size), name
+        if reference_out is None:
+            reference_out = out
+        assert_within_twice_reference_error(out, reference_out, exact, msg=name)
+
+
+def test_torch_compile_of_a_patched_model():
+    model = make_model(depth=2, img_size=64)
+    x = images(2, 64)
+    # The truth: the eager model on a float64 copy, with the same merges.
+    model64 = tome_patch.timm(copy.deepcopy(model).double(), 5, trace_source=True)
+    exact = logits(model64, x.double())
+    tome_patch.timm(model, 5, trace_source=True)
+    eager = logits(model, x)
+    eager_map = tome_patch.get_state(model).token_map.clone()
+    assert torch.equal(tome_patch.get_state(model64).token_map, eager_map)
+    compiled = torch.compile(model, fullgraph=True)
+    assert_within_twice_reference_error(logits(compiled, x), eager, exact)
+    assert torch.equal(tome_patch.get_state(model).token_map, eager_map)
+
+
+def test_gradients_flow_through_a_patched_model():
+    model = make_model(depth=2, img_size=64).train()
+    tome_patch.timm(model, 5)
+    loss = model(images(2, 64)).square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0

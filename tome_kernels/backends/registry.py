@@ -1,0 +1,112 @@
+"""The registry of backends and the choice between them: ``backend="auto"`` takes the first
+in preference order that has no reason not to run the inputs, and a backend asked for by
+name that has reasons raises them all in one message. The interface is ``base.Backend``.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from .base import Backend
+
+ENV_VAR = "TOME_KERNELS_BACKEND"
+
+
+class BackendFallbackWarning(UserWarning):
+    """A faster backend was expected for these inputs but could not load."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: Optional[str]
+
+
+# Preference order for "auto": fastest first, the reference (which runs anywhere) last.
+# Later backends are inserted ahead of it with ``register_backend``.
+_REGISTRY: Dict[str, Backend] = {"reference": Backend()}
+_warned: set = set()
+
+
+def register_backend(backend: Backend) -> None:
+    """Add a backend ahead of the reference in the ``auto`` preference order."""
+    ref = _REGISTRY.pop("reference")
+    _REGISTRY.pop(backend.name, None)
+    _REGISTRY[backend.name] = backend
+    _REGISTRY["reference"] = ref
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Every backend, whether it can run here, and if not, why."""
+    status = {}
+    for name, backend in _REGISTRY.items():
+        reason = backend.load_error()
+        status[name] = BackendStatus(name, reason is None, reason)
+    return status
+
+
+def cannot_run_reasons(name: str, tensors: Sequence[Tensor]) -> List[str]:
+    """Why the backend ``name`` cannot run ``tensors`` here; empty when it can."""
+    backend = _REGISTRY[name]
+    error = backend.load_error()
+    return [error] if error else backend.unsupported_reasons(tensors)
+
+
+def _warn_once(backend: Backend, reason: str) -> None:
+    key = (backend.name, reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"tome_kernels: the {backend.name!r} backend could not load ({reason}); "
+            "falling back to a slower backend. See tome_kernels.available_backends().",
+            BackendFallbackWarning,
+            stacklevel=4,
+        )
+
+
+def requested_backend(backend) -> Tuple[str, str]:
+    """The backend name in force and where it came from (for error messages)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str (one of auto, {', '.join(_REGISTRY)}), got {type(backend).__name__}")
+    if backend == "auto" and os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR], f"the environment variable {ENV_VAR}"
+    return backend, "backend"
+
+
+def check_backend_name(backend) -> str:
+    """Check a ``backend=`` argument without choosing a backend or loading one: "auto" or a
+    registered name; returns it unchanged. Raises ``TypeError`` / ``ValueError`` naming the
+    argument. The model patches call it at patch time, so that a misspelt name fails there,
+    not at the first forward pass."""
+    _name_in_force(backend)
+    return backend
+
+
+def _name_in_force(backend) -> Tuple[str, str]:
+    name, source = requested_backend(backend)
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"{source}={name!r} is not a backend: expected one of auto, {', '.join(_REGISTRY)}")
+    return name, source
+
+
+def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
+    """The backend that will run ``tensors``; raises if one named explicitly cannot."""
+    name, source = _name_in_force(backend)
+    if name == "auto":
+        for candidate in _REGISTRY.values():
+            if candidate.unsupported_reasons(tensors):
+                continue
+            error = candidate.load_error()
+            if error is None:
+                return candidate
+            if tensors and candidate.expected_for(tensors[0].device):
+                _warn_once(candidate, error)
+        raise AssertionError("the reference backend runs every valid input")
+    reasons = cannot_run_reasons(name, tensors)
+    if reasons:
+        raise ValueError(f"{source}={name!r} cannot run these inputs: " + "; ".join(reasons))
+    return _REGISTRY[name]
