@@ -3,21 +3,20 @@ multi-kernel), the "cpu" extension, and on a GPU the "cuda" extension. Every fla
 odd and tiled shapes, non-contiguous inputs, NaN rows, gradients, the torch.library
 registration, and outputs poisoned before the kernels run.
 
-In CI the Triton kernels run in Triton's interpreter on CPU tensors (tests/conftest.py)
-and the "cpu" extension is built on first use; with TOME_TEST_DEVICE=cuda the same tests run
-on the GPU for "triton" and "cuda".
+The ``backend`` fixture (conftest.py) gives each case its poisoned buffers. In CI the Triton
+kernels run in Triton's interpreter on CPU tensors (tests/conftest.py) and the "cpu"
+extension is built on first use; with TOME_TEST_DEVICE=cuda the same tests run on the GPU
+for "triton" and "cuda".
 """
 
-import os
 
 import pytest
 import torch
 
 import tome_kernels
-from tests.helpers import assert_within_twice_reference_error, poison_triton_buffers
+from tests.helpers import assert_within_twice_reference_error
 from tome_kernels import bipartite_match, bipartite_merge, reference
-from tome_kernels.backends import cannot_run_reasons, registry
-from tome_kernels.backends.triton import launch
+from tome_kernels.backends import registry
 from tome_kernels.backends.triton import ops as triton_ops
 
 NAN = float("nan")
@@ -25,33 +24,6 @@ NAN = float("nan")
 # (N, heads or None, D): one tile and several; D in one block, below 16 and over 128
 # (the chunked path); odd and even N; N = 2 and 3.
 SHAPES = [(2, None, 4), (3, 2, 5), (9, None, 8), (16, 3, 16), (41, None, 300), (197, 2, 24), (300, None, 8)]
-
-ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
-# Test cases: the Triton backend once per path, then the native extension of the device.
-CASES = ["triton_one_pass", "triton_multi_kernel", "cuda" if ON_GPU else "cpu"]
-
-
-@pytest.fixture(params=CASES)
-def backend(request, monkeypatch, device):
-    """The backend name to ask for, with its outputs poisoned and, for Triton, one path
-    forced for every call in the test."""
-    case = request.param
-    if case.startswith("triton"):
-        monkeypatch.setattr(launch, "ONE_PASS_MAX_TOKENS", 10**9 if case == "triton_one_pass" else 0)
-        poison_triton_buffers(monkeypatch)
-        yield "triton"
-        return
-    # A native backend that cannot load fails here: a build error is a defect, not a skip.
-    reasons = cannot_run_reasons(case, [torch.zeros(1, device=device)])
-    assert not reasons, reasons
-    # PyTorch fills every new tensor with NaN (integers: their maximum) in this mode, the
-    # ones the C++ kernels allocate included.
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield case
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
 
 def make(shape, batch, dtype, device, seed=0):
     n, heads, d = shape
