@@ -93,7 +93,8 @@ def _cpu_peak_bytes(fn: Callable) -> Tuple[int, tuple]:
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
     with _native_stderr_silenced():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        activities = [ProfilerActivity.CPU]
+        with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
             outputs = fn()
         timeline = MemoryProfileTimeline(prof._memory_profile()).timeline
     live = peak = 0
@@ -159,7 +160,9 @@ def environment(device: torch.device) -> Dict:
     """Device, versions and commit, saved beside every set of raw timings."""
     import tome_kernels
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "tome_kernels": tome_kernels.__version__}
+    versions = {
+        "python": platform.python_version(), "torch": torch.__version__, "tome_kernels": tome_kernels.__version__,
+    }
     try:
         import triton
 

@@ -22,7 +22,8 @@ def check_tensor(name: str, value, ranks: Tuple[int, ...], expected_shape: str) 
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor ({_DTYPE_NAMES}), got dtype {value.dtype}")
     if value.dim() not in ranks:
-        raise ValueError(f"{name} must have shape {expected_shape}, got a {value.dim()}-D tensor of shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must have shape {expected_shape}, got a {value.dim()}-D tensor of shape "
+                         f"{tuple(value.shape)}")
     return value
 
 
@@ -86,10 +87,12 @@ def check_tokens(name: str, value, batch: int, tokens: int, device: torch.device
     check_tensor(name, value, (3,), expected)
     if value.shape[0] != batch or value.shape[1] != tokens:
         raise ValueError(
-            f"{name} must have shape {expected} with B={batch} and N={tokens} (from the metric), got {tuple(value.shape)}"
+            f"{name} must have shape {expected} with B={batch} and N={tokens} (from the metric), "
+            f"got {tuple(value.shape)}"
         )
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the metric is on {device}: all tensors must be on one device")
+        raise ValueError(f"{name} is on {value.device} but the metric is on {device}: all tensors must be on one "
+                         "device")
     return value
 
 

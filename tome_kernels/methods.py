@@ -77,9 +77,11 @@ def pitome_match(
     if real is not None:
         expected = (metric.shape[0], metric.shape[-2])
         if not isinstance(real, Tensor) or real.dtype != torch.bool:
-            raise TypeError(f"real must be None or a (B, N) bool tensor, got {getattr(real, 'dtype', type(real).__name__)}")
+            got = getattr(real, "dtype", type(real).__name__)
+            raise TypeError(f"real must be None or a (B, N) bool tensor, got {got}")
         if tuple(real.shape) != expected or real.device != metric.device:
-            raise ValueError(f"real must have shape (B, N) = {expected} on {metric.device}, got {tuple(real.shape)} on {real.device}")
+            raise ValueError(f"real must have shape (B, N) = {expected} on {metric.device}, "
+                             f"got {tuple(real.shape)} on {real.device}")
     impl = select_backend(backend, (metric,))
     if r == 0:
         return MergePlan(partition.identity(metric.shape[0], metric.shape[-2], metric.device), impl)
@@ -191,7 +193,8 @@ def window_match(
     height, width = checks.check_int_pair("grid_size", grid_size)
     if protected + height * width != metric.shape[-2]:
         raise ValueError(
-            f"grid_size {height}x{width} plus {protected} protected tokens must make N={metric.shape[-2]} tokens (from the metric)"
+            f"grid_size {height}x{width} plus {protected} protected tokens must make N={metric.shape[-2]} tokens "
+            "(from the metric)"
         )
     window = checks.check_int_pair("window", window)
     impl = select_backend(backend, (metric,))

@@ -15,8 +15,9 @@ _REFERENCE = Backend()
 class MergePlan:
     """Which tokens merge into which, for a batch of B rows of N tokens.
 
-    Made by ``bipartite_match`` and the other methods' ``*_match`` functions. Applying it costs no new matching, so one plan can merge
-    several tensors that share the token axis (features, sizes, positions...).
+    Made by ``bipartite_match`` and the other methods' ``*_match`` functions. Applying it costs
+    no new matching, so one plan can merge several tensors that share the token axis
+    (features, sizes, positions...).
 
     Attributes:
         r: tokens removed per row, after clamping (0 means the plan is the identity).

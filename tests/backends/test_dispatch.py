@@ -133,7 +133,8 @@ def test_triton_takes_cpu_tensors_only_in_the_interpreter(monkeypatch):
     # leaves to the reference, and asked for by name it says why not.
     assert bipartite_match(inputs()[1], 3).backend == "triton"
     assert bipartite_match(inputs(torch.float64)[1], 3).backend == "reference"
-    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: it computes float16, bfloat16 and float32, not float64"):
+    message = r"backend='triton' cannot run these inputs: it computes float16, bfloat16 and float32, not float64"
+    with pytest.raises(ValueError, match=message):
         bipartite_match(inputs(torch.float64)[1], 3, backend="triton")
 
 

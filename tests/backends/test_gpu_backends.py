@@ -79,7 +79,8 @@ def test_cuda_graph_capture_and_replay(backend):
     static = make_inputs(shape, CUDA, torch.float16)
 
     def step():
-        return bipartite_merge(static["x"], static["metric"], shape.r, static["size"], class_token=True, backend=backend)
+        return bipartite_merge(static["x"], static["metric"], shape.r, static["size"], class_token=True,
+                               backend=backend)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -21,7 +21,8 @@ def tokens(n, device):
 def check(result, x_expected, size_expected):
     x_out, size_out = result
     torch.testing.assert_close(x_out, torch.tensor([x_expected], dtype=x_out.dtype, device=x_out.device))
-    torch.testing.assert_close(size_out, torch.tensor([size_expected], dtype=torch.float32, device=x_out.device)[..., None])
+    expected = torch.tensor([size_expected], dtype=torch.float32, device=x_out.device)[..., None]
+    torch.testing.assert_close(size_out, expected)
 
 
 # N = 7, D = 3. B tokens: t1 = e1, t3 = e2, t5 = e3.
@@ -108,7 +109,8 @@ def test_keys_are_averaged_over_heads(device):
     keys = torch.stack([mean + offset, mean - offset], dim=1)  # (1, 2, 7, 3)
     assert torch.equal(keys.mean(1), mean)
     x = tokens(7, device)
-    torch.testing.assert_close(bipartite_merge(x, keys, 2, class_token=True), bipartite_merge(x, mean, 2, class_token=True))
+    by_keys = bipartite_merge(x, keys, 2, class_token=True)
+    torch.testing.assert_close(by_keys, bipartite_merge(x, mean, 2, class_token=True))
     assert bipartite_match(keys, 1).token_map.tolist() == [[3, 3, 2, 4, 1, 5, 0]]
 
 

@@ -90,5 +90,7 @@ def energy(metric, margin, alpha, shifted):
 # Operator name -> fake kernel: every family implements exactly these operators.
 FAKES: Dict[str, Callable] = {
     fake.__name__: fake
-    for fake in (match, bipartite_merge, merge_wavg, merge_wavg_backward, merge, merge_backward, unmerge, assign, energy)
+    for fake in (
+        match, bipartite_merge, merge_wavg, merge_wavg_backward, merge, merge_backward, unmerge, assign, energy,
+    )
 }

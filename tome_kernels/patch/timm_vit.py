@@ -72,7 +72,8 @@ def _check_model(model: nn.Module) -> List[nn.Module]:
         raise ValueError("model has register tokens, which the merge contract does not protect (only a class "
                          "and a distillation token)")
     if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"model pools with attention (global_pool={model.global_pool!r}), which ToMe does not weight by size")
+        raise ValueError(f"model pools with attention (global_pool={model.global_pool!r}), which ToMe does not "
+                         "weight by size")
     if model.global_pool not in ("token", "avg", "max", ""):
         raise ValueError(f"model.global_pool={model.global_pool!r}: supported are 'token', 'avg', 'max' and ''")
     if getattr(model, "grad_checkpointing", False):

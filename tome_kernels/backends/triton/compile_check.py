@@ -59,7 +59,10 @@ KERNELS = {
     "merge_wavg_bwd_kernel": dict(
         module="merge",
         # gsize is the gradient of the float32 size_out; gs is the gradient of size.
-        pointers={"gy_ptr": DATA, "gsize_ptr": "fp32", "x_ptr": DATA, "size_ptr": SIZE, "gx_ptr": DATA, "gs_ptr": SIZE, **_GROUPS},
+        pointers={
+            "gy_ptr": DATA, "gsize_ptr": "fp32", "x_ptr": DATA, "size_ptr": SIZE, "gx_ptr": DATA, "gs_ptr": SIZE,
+            **_GROUPS,
+        },
         unit=("sg_c", "sgs_n", "sx_c", "ss_n"),
         wide=("sg_b", "sg_n", "sx_b", "sx_n", "C"),
     ),
@@ -199,12 +202,14 @@ def all_specs() -> List[Tuple[str, Dict[str, object]]]:
     merge_sets = [dict(MODE=m, HAS_SIZE=False) for m in (0, 1, 2, 3, 4)] + [dict(MODE=0, HAS_SIZE=True)]
     sweep("merge_kernel", merge_sets)
     # SIZE_GRAD implies HAS_SIZE (launch.py: size_grad = size_grad and size is not None).
-    sweep("merge_wavg_bwd_kernel", [dict(HAS_SIZE=h, SIZE_GRAD=g) for h, g in ((False, False), (True, False), (True, True))])
+    size_flags = ((False, False), (True, False), (True, True))
+    sweep("merge_wavg_bwd_kernel", [dict(HAS_SIZE=h, SIZE_GRAD=g) for h, g in size_flags])
     sweep("merge_bwd_kernel", [dict(MODE=m) for m in (1, 2, 3, 4)])
     sweep("unmerge_kernel", [{}])
 
     match_flags = ("IS_KEYS", "DISTILL")
-    sweep_slow("match_kernel", _flag_sets(match_flags, full=True), dict.fromkeys(match_flags, False), dict.fromkeys(match_flags, True), 4)
+    sweep_slow("match_kernel", _flag_sets(match_flags, full=True), dict.fromkeys(match_flags, False),
+               dict.fromkeys(match_flags, True), 4)
     # One-pass defaults: bipartite_match's launch (indices, no merge); every flag set:
     # bipartite_merge's launch (merge, no indices) with keys, sizes and both special tokens.
     one_pass_flags = ("IS_KEYS", "CLASS", "DISTILL", "HAS_SIZE", "WRITE_INDICES", "DO_MERGE")

@@ -82,7 +82,8 @@ def _matching(
     merged = None
     if x is not None:
         C = x.shape[2]
-        merged = (torch.empty(B, N - r, C, dtype=x.dtype, device=dev), torch.empty(B, N - r, 1, dtype=torch.float32, device=dev))
+        merged = (torch.empty(B, N - r, C, dtype=x.dtype, device=dev),
+                  torch.empty(B, N - r, 1, dtype=torch.float32, device=dev))
     if B == 0:
         return (src_idx, dst_idx, unm_idx, token_map), (members, row_start), merged
 
@@ -179,7 +180,8 @@ def merge_wavg_backward(
     n_out = row_start.shape[1] - 1
     size_grad = size_grad and size is not None
     grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
-    grad_size = torch.empty((B, N, 1) if size_grad else (0,), dtype=size.dtype if size_grad else torch.float32, device=x.device)
+    grad_size = torch.empty((B, N, 1) if size_grad else (0,), dtype=size.dtype if size_grad else torch.float32,
+                            device=x.device)
     if B == 0:
         return grad_x, grad_size
     grid, tiles, options = _row_tiles(B, n_out, C)

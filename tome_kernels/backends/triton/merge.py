@@ -103,7 +103,8 @@ def merge_rows(
             acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]
         # Kept tokens are copies: x0 converts back to x's dtype exactly.
         y = tl.where(copy[:, None], x0, acc)
-        tl.store(out_b + o_r[:, None] * C + o_c[None, :], y.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+        tl.store(out_b + o_r[:, None] * C + o_c[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_r[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -151,7 +152,8 @@ def merge_wavg_bwd_kernel(
             num = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
             for k in range(0, max_count):
                 tok, m_k = _member(members_ptr, b64, N, start, count, m_r, k)
-                xk = tl.load(x_b + tok[:, None] * sx_n + o_c[None, :] * sx_c, mask=m_k[:, None] & m_c[None, :], other=0.0)
+                xk = tl.load(x_b + tok[:, None] * sx_n + o_c[None, :] * sx_c, mask=m_k[:, None] & m_c[None, :],
+                             other=0.0)
                 num += xk.to(tl.float32) * _sizes(size_ptr, ss_b, ss_n, b64, tok, m_k, HAS_SIZE)[:, None]
             gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
             gy_dot_y += tl.sum(gy * (num / total[:, None]), axis=1)

@@ -82,7 +82,8 @@ def assign_kernel(
     # A tile without sources has nothing to compute (most tiles, for PiToMe at small r).
     n_scan = tl.where(tl.max(is_source.to(tl.int32), axis=0) > 0, N, 0)
     if n_scan > 0:
-        a, norm_a = _tile_rows(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, H, D, IS_KEYS, ONE_CHUNK, BLOCK_I, BLOCK_D)
+        a, norm_a = _tile_rows(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, H, D, IS_KEYS, ONE_CHUNK, BLOCK_I,
+                               BLOCK_D)
         for j0 in range(0, n_scan, BLOCK_J):
             o_j = j0 + tl.arange(0, BLOCK_J)
             m_j = o_j < N
