@@ -31,6 +31,9 @@ from .providers import (
 )
 from .shapes import default_shapes
 
+# Full-size rows of the benchmarks, one provider at a time: the fast loop leaves them out.
+pytestmark = pytest.mark.slow
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 # kth, random and grid plans rank scores computed the same way in every backend: at most a

@@ -14,10 +14,11 @@ import tome_kernels
 from tome_kernels.backends import select_backend
 from tome_kernels.reference import energy, partition, roles
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TOME_TEST_DEVICE") != "cuda" or not torch.cuda.is_available(),
-    reason="needs a GPU and TOME_TEST_DEVICE=cuda",
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(os.environ.get("TOME_TEST_DEVICE") != "cuda" or not torch.cuda.is_available(),
+                       reason="needs a GPU and TOME_TEST_DEVICE=cuda"),
+]
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_BACKENDS = ["triton", "cuda"]

@@ -25,6 +25,9 @@ import torch
 from tests.helpers import ROOT
 from tome_kernels.backends.native import extension_build
 
+# Builds the extensions three ways: most of the suite's time ("not build" leaves them out).
+pytestmark = pytest.mark.build
+
 BUILD_LINE = "tome_kernels: building the cpu extension"
 TIMEOUT_S = 600
 CPU_TORCH = torch.version.cuda is None

@@ -21,6 +21,8 @@ import pytest
 from tests.helpers import ROOT
 from tome_kernels.backends.native import extension_build
 
+pytestmark = pytest.mark.compile
+
 CSRC = os.path.join(ROOT, "csrc")
 # What the builds compile, not a glob of our own: a source left out of the list would be
 # left out of the compile check too, and test_source_list.py checks the list is complete.

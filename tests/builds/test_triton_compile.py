@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.compile
+
 
 def test_every_kernel_variant_compiles_for_sm90():
     pytest.importorskip("triton")
