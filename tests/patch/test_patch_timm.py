@@ -93,6 +93,9 @@ def test_schedules():
         ([1, -2], ValueError, "r[1]"),
         ((1, 2, 3), ValueError, "(r, inflection)"),
         ((4, "x"), TypeError, "inflection"),
+        ((2, 4), ValueError, "inflection of r = (r, inflection) must be in [-1, 1], got 4"),
+        ((2, float("nan")), ValueError, "must be in [-1, 1], got nan"),
+        ((2, float("-inf")), ValueError, "must be in [-1, 1], got -inf"),
     ],
 )
 def test_bad_schedules_leave_the_model_alone(r, error, words):
@@ -101,6 +104,17 @@ def test_bad_schedules_leave_the_model_alone(r, error, words):
     with pytest.raises(error, match=re.escape(words)):
         tome_patch.timm(model, r)
     # The earlier patch is still in force: nothing was half-done.
+    assert tome_patch.get_state(model).r == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("flag", ["prop_attn", "trace_source"])
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_flags_must_be_bools(flag, value):
+    """prop_attn="False" would be true: a flag that is not a bool is refused, model unchanged."""
+    model = make_model()
+    tome_patch.timm(model, 2)
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        tome_patch.timm(model, 3, **{flag: value})
     assert tome_patch.get_state(model).r == [2, 2, 2, 2]
 
 

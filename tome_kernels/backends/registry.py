@@ -33,7 +33,15 @@ _warned: set = set()
 
 
 def register_backend(backend: Backend) -> None:
-    """Add a backend ahead of the reference in the ``auto`` preference order."""
+    """Add a backend ahead of the reference in the ``auto`` preference order; a backend of the
+    same name is replaced. Raises ``TypeError`` for anything but a ``Backend``, and
+    ``ValueError`` for a name that is not a non-empty str or is "auto" or "reference" (names
+    the choice itself uses), before the registry changes."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a tome_kernels.backends.Backend, got {type(backend).__name__}")
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not name or name in ("auto", "reference"):
+        raise ValueError(f"backend.name must be a non-empty str other than 'auto' and 'reference', got {name!r}")
     ref = _REGISTRY.pop("reference")
     _REGISTRY.pop(backend.name, None)
     _REGISTRY[backend.name] = backend

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import check_backend_name
+from ..checks import check_flag
 from ..methods import PITOME_MARGIN
 from .hooks import capture_keys, tome_subclass
 from .options import check_method
@@ -167,12 +168,14 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
+    check_flag("prop_attn", prop_attn)
+    check_flag("trace_source", trace_source)
     options = check_method(method, ("tome", "pitome"), margin=margin, alpha=alpha, shifted=shifted)
     layers = _check_model(model)
     schedule = r_per_block(r, len(layers))
     remove(model)
-    state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=bool(prop_attn),
-                      trace_source=bool(trace_source), backend=backend, options=options)
+    state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=prop_attn,
+                      trace_source=trace_source, backend=backend, options=options)
     state.undo = remove_bert
     start = _PassStart()
     for index, layer in enumerate(layers):

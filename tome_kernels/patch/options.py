@@ -42,5 +42,6 @@ def check_method(method, allowed: Tuple[str, ...], **options) -> MethodOptions:
     users = {"margin": "pitome", "alpha": "pitome", "shifted": "pitome", "delay": "dsm", "window": "dsm"}
     unused = [name for name, user in users.items() if user != method and checked[name] != getattr(default, name)]
     if unused:
-        raise ValueError(f"{', '.join(unused)} apply to method={users[unused[0]]!r} only, not method={method!r}")
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise ValueError(f"{', '.join(unused)} {verb} to method={users[unused[0]]!r} only, not method={method!r}")
     return MethodOptions(method, **checked)

@@ -13,8 +13,8 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
     - an int: the same r in every block;
     - a list: r per block, padded with zeros (longer than the model is an error);
     - a tuple ``(r, inflection)``: a linear ramp from ``lo = int(r * (1 - inflection))`` to
-      ``hi = 2 * r - lo`` over the blocks; inflection 0 is constant, 1 increasing from 0,
-      -1 decreasing to 0. The total stays about ``r * num_blocks`` either way.
+      ``hi = 2 * r - lo`` over the blocks; the inflection is in [-1, 1]: 0 is constant, 1
+      increasing from 0, -1 decreasing to 0. The total stays about ``r * num_blocks``.
 
     Each block then clamps its r to what its token count allows (the merge contract).
     """
@@ -25,6 +25,10 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
         inflection = r[1]
         if not is_real(inflection):
             raise TypeError(f"the inflection of r = (r, inflection) must be a number, got {type(inflection).__name__}")
+        # Outside [-1, 1] the ramp's ends go negative and are cut to 0: the total is no longer
+        # about r per block, and (r, 4) is more likely a per-block list mistyped as a tuple.
+        if not -1 <= inflection <= 1:
+            raise ValueError(f"the inflection of r = (r, inflection) must be in [-1, 1], got {inflection!r}")
         lo = int(base * (1 - inflection))
         hi = 2 * base - lo
         if num_blocks == 1:

@@ -12,6 +12,7 @@ from typing import List, Tuple
 from torch import Tensor, nn
 
 from ..backends import check_backend_name
+from ..checks import check_flag
 from ..methods import PITOME_MARGIN
 from .hooks import capture_keys, tome_subclass
 from .options import check_method
@@ -129,6 +130,8 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
+    check_flag("prop_attn", prop_attn)
+    check_flag("trace_source", trace_source)
     options = check_method(method, ("tome", "pitome", "dsm"), margin=margin, alpha=alpha, shifted=shifted,
                            delay=delay, window=window)
     blocks = _check_model(model)
@@ -141,7 +144,7 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
         schedule,
         class_token=getattr(model, "cls_token", None) is not None,
         distill_token=getattr(model, "dist_token", None) is not None,
-        prop_attn=bool(prop_attn), trace_source=bool(trace_source), backend=backend, options=options,
+        prop_attn=prop_attn, trace_source=trace_source, backend=backend, options=options,
     )
     state.undo = remove_timm
     for index, block in enumerate(blocks):
