@@ -24,6 +24,29 @@ register_backend(NativeBackend("cuda"))
 
 __version__ = "0.1.0"
 
+# Modules that were attributes of this package before it was laid out in reference/,
+# backends/ and patch/: ``from tome_kernels import energy`` keeps working, with a warning
+# that names the new place. (Only as attributes: ``import tome_kernels.energy`` is gone.)
+_MOVED = {
+    "energy": "reference.energy", "partition": "reference.partition", "roles": "reference.roles",
+    "op_table": "backends.op_table", "grouped_backend": "backends.grouped",
+    "merge_autograd": "backends.merge_autograd", "native_backend": "backends.native.backend",
+    "native_ops": "backends.native.ops", "extension_build": "backends.native.extension_build",
+    "triton_backend": "backends.triton.backend", "triton_kernels": "backends.triton",
+}
+
+
+def __getattr__(name):
+    if name not in _MOVED:
+        raise AttributeError(f"module 'tome_kernels' has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"tome_kernels.{name} is now tome_kernels.{_MOVED[name]}", DeprecationWarning, stacklevel=2)
+    module = globals()[name] = importlib.import_module(f"{__name__}.{_MOVED[name]}")  # warn once
+    return module
+
+
 __all__ = [
     "bipartite_merge",
     "bipartite_match",
