@@ -19,6 +19,7 @@ outside it: it is an error of the size of the values, not of their rounding.
 import math
 import os
 
+import pytest
 import torch
 
 from tome_kernels import available_backends, reference
@@ -26,6 +27,13 @@ from tome_kernels import available_backends, reference
 # The repository (tests/ is one folder down).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
+# The marks of a module of GPU-only checks: marked "gpu", and skipped (reported as skipped,
+# never as passed) without a GPU and TOME_TEST_DEVICE=cuda.
+GPU_ONLY = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(os.environ.get("TOME_TEST_DEVICE") != "cuda" or not torch.cuda.is_available(),
+                       reason="needs a GPU and TOME_TEST_DEVICE=cuda"),
+]
 
 
 def _parts(value):
@@ -83,7 +91,7 @@ def normalized_float64(metric):
 
 
 def energy_float64(metric, margin, alpha=1.0, shifted=False):
-    """PiToMe's energy by ``tome_kernels.energy.energy``'s formula, in float64 throughout
+    """PiToMe's energy by ``tome_kernels.reference.energy.energy``'s formula, in float64 throughout
     (that function scores in float32 whatever the input dtype, so it cannot be its own
     truth): the mean over j of f(cos(k_i, k_j)), NaN similarities left out, -inf when none
     is left."""

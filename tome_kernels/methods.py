@@ -55,7 +55,7 @@ def pitome_match(
 ) -> MergePlan:
     """PiToMe (Tran et al., NeurIPS 2024): remove ``r`` tokens, protecting informative ones.
 
-    Every token's energy ``mean_j f(cos(k_i, k_j))`` (``tome_kernels.energy``) is computed by
+    Every token's energy ``mean_j f(cos(k_i, k_j))`` (``tome_kernels.reference.energy``) is computed by
     a fused kernel; the 2r unprotected tokens of highest energy are mergeable and alternate
     by energy rank into sources and destinations; every source merges into its most similar
     destination. All other tokens (low energy, class / distill token) are kept as they are.

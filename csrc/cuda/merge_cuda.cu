@@ -1,5 +1,5 @@
 // Kernels that apply a matching: merge (every mode), its backward, and unmerge (the same
-// formulas as tome_kernels/triton_kernels/merge.py).
+// formulas as tome_kernels/backends/triton/merge.py).
 //
 // One warp per output row (8 per 256-thread block, flat grid over batch x rows) gathers its
 // group members[row_start[o] : row_start[o + 1]], each lane V contiguous channels at a time:

@@ -1,6 +1,6 @@
 // Selection and layout: from each A token's (best, dst) to the plan's indices and the merge
 // groups (docs/semantics.md, "Matching" step 5 and "Output layout"; the same outputs,
-// value for value, as tome_kernels/triton_kernels/layout.py).
+// value for value, as tome_kernels/backends/triton/layout.py).
 //
 // 1. rank_kernel, one block of 128 threads per (batch row, 128 A tokens): first the per-split
 //    partial results of the score kernel are folded in split order (a later split, i.e.

@@ -5,20 +5,16 @@ these are skipped (reported as skipped, never as passed); test_fast_backends.py 
 same kernels at small shapes (Triton's in its interpreter here).
 """
 
-import os
 
 import pytest
 import torch
 
 from benchmarks.providers import make_inputs
 from benchmarks.shapes import GPU_SHAPES
+from tests.helpers import GPU_ONLY
 from tome_kernels import bipartite_match, bipartite_merge, reference
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(os.environ.get("TOME_TEST_DEVICE") != "cuda" or not torch.cuda.is_available(),
-                       reason="needs a GPU and TOME_TEST_DEVICE=cuda"),
-]
+pytestmark = GPU_ONLY
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_BACKENDS = ["triton", "cuda"]

@@ -5,20 +5,16 @@ Without a GPU these are skipped (reported as skipped, never as passed); test_met
 covers the same kernels at small shapes (Triton's in its interpreter here).
 """
 
-import os
 
 import pytest
 import torch
 
 import tome_kernels
+from tests.helpers import GPU_ONLY
 from tome_kernels.backends import select_backend
 from tome_kernels.reference import energy, partition, roles
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(os.environ.get("TOME_TEST_DEVICE") != "cuda" or not torch.cuda.is_available(),
-                       reason="needs a GPU and TOME_TEST_DEVICE=cuda"),
-]
+pytestmark = GPU_ONLY
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_BACKENDS = ["triton", "cuda"]

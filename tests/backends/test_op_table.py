@@ -1,4 +1,4 @@
-"""One table of every operator's outputs (``tome_kernels.op_table``) gives both kernel
+"""One table of every operator's outputs (``tome_kernels.backends.op_table``) gives both kernel
 families their fake kernels: each family implements exactly the operators it lists. Each
 fake against its kernel's real outputs is ``torch.library.opcheck``'s work
 (test_fast_backends.py, test_methods.py, test_native_methods.py)."""

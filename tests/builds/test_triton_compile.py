@@ -39,7 +39,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert compiled == total == len(all_specs()), report
     ok_kernels = re.findall(r"^ok (\w+) ", proc.stdout, re.M)
     assert len(ok_kernels) == total, report
-    assert set(ok_kernels) == set(KERNELS) and kernels == len(KERNELS) == 10, report
+    assert set(ok_kernels) == set(KERNELS) and kernels == len(KERNELS), report
 
 
 def test_the_check_names_every_kernel():

@@ -1,9 +1,9 @@
 """A second, deliberately naive statement of the contract, for checking the reference.
 
 Plain Python loops over one batch row at a time, written from docs/semantics.md without
-looking at how reference.py vectorises it. It shares only the float32 score computation with
-the reference (so that both see bitwise the same scores, ties included) and works in
-float64 everywhere else.
+looking at how the reference (tome_kernels/reference/bipartite.py) vectorises it. It shares
+only the float32 score computation with the reference (so that both see bitwise the same
+scores, ties included) and works in float64 everywhere else.
 """
 
 import math

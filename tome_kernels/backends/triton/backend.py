@@ -1,4 +1,6 @@
-"""The "triton" backend: the fused Triton kernels of this package.
+"""The "triton" backend: the fused Triton kernels of this package, through the operators of
+``ops.py``. What it shares with the native backends (a plan applied through its groups, r = 0
+kept away from the operators) is ``backends/grouped.py``: this class names the operators.
 
 ``auto`` picks it for CUDA tensors. Its kernels load on first use, not at import, and a
 failure to load (no triton, an incompatible version) is remembered and reported as the

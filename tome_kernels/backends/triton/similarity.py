@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .match import _load_metric, _metric_norms, _normalized_metric
 
-# Roles, as in tome_kernels.partition.
+# Roles, as in tome_kernels.reference.partition.
 SOURCE: tl.constexpr = tl.constexpr(1)
 DEST: tl.constexpr = tl.constexpr(2)
 # partition._NAN_SCORE: a NaN score of an allowed destination ranks below any cosine.
