@@ -353,9 +353,10 @@ BAD_OPTIONS = [
     ({"method": "pitome", "margin": float("nan")}, ValueError, "margin"),
     ({"method": "pitome", "alpha": float("inf")}, ValueError, "alpha"),
     ({"method": "pitome", "shifted": 1}, TypeError, "shifted"),
-    ({"method": "tome", "margin": 0.5}, ValueError, "margin apply to method='pitome' only"),
-    ({"method": "pitome", "delay": 2}, ValueError, "delay apply to method='dsm' only"),
-    ({"method": "dsm", "alpha": 2.0}, ValueError, "alpha apply to method='pitome' only"),
+    ({"method": "tome", "margin": 0.5}, ValueError, "margin applies to method='pitome' only"),
+    ({"method": "tome", "margin": 0.5, "alpha": 2.0}, ValueError, "margin, alpha apply to method='pitome' only"),
+    ({"method": "pitome", "delay": 2}, ValueError, "delay applies to method='dsm' only"),
+    ({"method": "dsm", "alpha": 2.0}, ValueError, "alpha applies to method='pitome' only"),
     ({"method": "dsm", "delay": -1}, ValueError, "delay"),
     ({"method": "dsm", "delay": 4}, ValueError, r"delay must be in \[0, 4\)"),
     ({"method": "dsm", "delay": 1.0}, TypeError, "delay"),
@@ -456,7 +457,7 @@ def test_minilm_pitome_sentence_merges_as_alone_and_pools(minilm, r):
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"method": "dsm"}, ValueError, "timm ViTs only"),
     ({"method": "pitome", "margin": None}, TypeError, "margin"),
-    ({"method": "tome", "shifted": True}, ValueError, "shifted apply to method='pitome' only"),
+    ({"method": "tome", "shifted": True}, ValueError, "shifted applies to method='pitome' only"),
     ({"method": "pitome", "delay": 1}, TypeError, "delay"),
 ])
 def test_bert_bad_options_leave_the_model_as_it_was(kwargs, error, match):
