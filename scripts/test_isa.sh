@@ -28,11 +28,13 @@ for isa in ${ISA_SETS:-sse avx2 default}; do
     capability=$("${run_env[@]}" "$PYTHON" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')
     echo "== $isa, $threads thread(s): torch reports $capability" >&2
     log=$(mktemp)
-    "${run_env[@]}" "$PYTHON" -m pytest tests benchmarks/test_merge_benchmarks.py --benchmark-disable -q "$@" \
+    "${run_env[@]}" "$PYTHON" -m pytest tests benchmarks/test_merge_benchmarks.py --benchmark-disable -q -rfE "$@" \
       2>&1 | tee "$log" | tail -n 3 >&2
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && status=1
     summary+=("$isa, $threads thread(s), torch $capability: $(tail -n 1 "$log") (exit $rc)")
+    # The failing tests by name (pytest's short summary), so a failure is known without a rerun.
+    while IFS= read -r line; do summary+=("    $line"); done < <(grep -E '^(FAILED|ERROR) ' "$log")
     rm -rf "$cache" "$log"
   done
 done
