@@ -23,15 +23,18 @@ import pytest
 import torch
 
 from tome_kernels import available_backends, reference
+from tome_kernels.reference import energy
 
 # The repository (tests/ is one folder down).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
+# The tests run on the GPU (TOME_TEST_DEVICE=cuda) rather than the CPU.
+ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
 # The marks of a module of GPU-only checks: marked "gpu", and skipped (reported as skipped,
 # never as passed) without a GPU and TOME_TEST_DEVICE=cuda.
 GPU_ONLY = [
     pytest.mark.gpu,
-    pytest.mark.skipif(os.environ.get("TOME_TEST_DEVICE") != "cuda" or not torch.cuda.is_available(),
+    pytest.mark.skipif(not ON_GPU or not torch.cuda.is_available(),
                        reason="needs a GPU and TOME_TEST_DEVICE=cuda"),
 ]
 
@@ -83,26 +86,16 @@ def assert_within_twice_reference_error(got, ref, truth, *, ulps=4, also=(), msg
 
 
 def normalized_float64(metric):
-    """``reference.normalized_metric`` in float64: head mean, unit rows."""
-    m = metric.detach().to(torch.float64)
-    if m.dim() == 4:
-        m = m.mean(dim=1)
-    return m / m.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
+    """``reference.normalized_metric`` in float64 (the dtype it keeps): head mean, unit rows."""
+    return reference.normalized_metric(metric.detach().to(torch.float64))
 
 
 def energy_float64(metric, margin, alpha=1.0, shifted=False):
-    """PiToMe's energy by ``tome_kernels.reference.energy.energy``'s formula, in float64 throughout
-    (that function scores in float32 whatever the input dtype, so it cannot be its own
-    truth): the mean over j of f(cos(k_i, k_j)), NaN similarities left out, -inf when none
-    is left."""
+    """PiToMe's energy in float64 throughout: the reference's formula
+    (``energy_of_similarity``) on float64 similarities. ``energy.energy`` itself scores in
+    float32 whatever the input dtype, so it cannot be its own truth."""
     m = normalized_float64(metric)
-    sim = m @ m.transpose(-1, -2)
-    above = sim - margin if shifted else sim
-    f = torch.where(sim >= margin, above, alpha * torch.expm1(sim - margin))
-    valid = ~sim.isnan()
-    count = valid.sum(dim=-1)
-    total = torch.where(valid, f, 0.0).sum(dim=-1)
-    return torch.where(count > 0, total / count.clamp_min(1), -math.inf)
+    return energy.energy_of_similarity(m @ m.transpose(-1, -2), margin, alpha, shifted)
 
 
 def best_float64(metric, best, dst):

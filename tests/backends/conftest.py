@@ -9,15 +9,13 @@ to write fails the comparison instead of passing by luck. A native backend that 
 fails the test: a build error is a defect, not a skip.
 """
 
-import os
 
 import pytest
 import torch
 
-from tests.helpers import poison_triton_buffers
+from tests.helpers import ON_GPU, poison_triton_buffers
 from tome_kernels.backends import cannot_run_reasons
 
-ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
 # The native extension of the device the tests run on.
 NATIVE = "cuda" if ON_GPU else "cpu"
 # Each fast backend once, the Triton backend once per path.

@@ -8,12 +8,17 @@ the reference backend is the yardstick. In CI the Triton kernels run in Triton's
 on CPU tensors (small shapes); with TOME_TEST_DEVICE=cuda the same tests run on the GPU.
 """
 
-import os
 
 import pytest
 import torch
 
-from tests.helpers import assert_within_twice_reference_error, best_float64, energy_float64, poison_triton_buffers
+from tests.helpers import (
+    ON_GPU,
+    assert_within_twice_reference_error,
+    best_float64,
+    energy_float64,
+    poison_triton_buffers,
+)
 from tome_kernels import (
     MERGE_MODES,
     grid_match,
@@ -30,7 +35,6 @@ from tome_kernels.backends.triton import ops as triton_ops
 from tome_kernels.reference import energy, partition
 
 NAN = float("nan")
-ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
 # The fixtures' cases (conftest.py): Triton on the path it chooses, since the methods' plans
 # never take the one-pass path (test_fast_backends covers both).
 BACKEND_CASES = ["triton", "cuda" if ON_GPU else "cpu"]

@@ -27,7 +27,13 @@ from . import bipartite
 def energy(metric: Tensor, margin: float, alpha: float = 1.0, shifted: bool = False) -> Tensor:
     """(B, N) float32 energy of every token of metric (B, N, D) or keys (B, H, N, Dh)."""
     m = bipartite.normalized_metric(metric).float()
-    sim = m @ m.transpose(-1, -2)
+    return energy_of_similarity(m @ m.transpose(-1, -2), margin, alpha, shifted)
+
+
+def energy_of_similarity(sim: Tensor, margin: float, alpha: float = 1.0, shifted: bool = False) -> Tensor:
+    """(B, N) energy from the (B, N, N) cosine similarities, in their dtype: the formula above,
+    NaN similarities left out, -inf where none is left. (The tests' float64 truth calls it
+    with float64 similarities.)"""
     above = sim - margin if shifted else sim
     f = torch.where(sim >= margin, above, alpha * torch.expm1(sim - margin))
     valid = ~sim.isnan()
