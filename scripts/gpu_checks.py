@@ -1,0 +1,413 @@
+"""The prepared GPU run: every check that needs a GPU, in one command that fits 8 minutes on an H200.
+
+    python scripts/gpu_checks.py [OUT] [--plan]        (or: bash scripts/gpu_checks.sh ...)
+
+A GPU is lent now and then for minutes, and only what a run writes into its output folder
+comes back (with the end of what it printed). So this runs a fixed list of steps, each with
+its own time limit (``budget_s``; a step past it is stopped and recorded as timed out), and
+a failing step never stops the ones after it. Everything goes into the output folder
+(``OUT``: the first argument, else the environment variable, else a new
+``benchmarks/results/gpu_<UTC time>/``):
+
+    env.txt          GPU, driver, Python, torch, triton, nvcc, ninja, CUDA_HOME, sanitizer
+    steps.json       each step's command, exit code, status and seconds
+    <step>.log       each step's output (stdout and stderr)
+    junit.xml        the tests, one entry per test (pytest --junitxml)
+    sanitizer.log    compute-sanitizer's memcheck over tests/backends/sanitize_case.py
+    *.json           the merge-step benchmark and the end-to-end ViT results
+    summary.md       per step: status, counts and time; every failing test with its reason;
+                     the sanitizer's verdict; the benchmark tables (at most 8 KB, also printed)
+
+Without a GPU (``torch.cuda.is_available()`` false, or no torch) it writes ``env.txt`` and a
+``summary.md`` saying so within seconds and exits with status 2. ``--plan`` prints the steps
+and their budgets. The exit status is 0 when every step passed, 1 otherwise.
+
+Only the standard library is imported here: the steps run in their own processes, under the
+Python that runs this file (on the GPU machine, the image's ``python3``).
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SUMMARY_LIMIT = 8 * 1024
+JOBS = os.cpu_count() or 1
+
+# The tests that put tensors on the GPU (the ``device`` fixture, or "cuda" directly) when
+# TOME_TEST_DEVICE=cuda. The other test files run the same on any machine (builds, compile
+# checks, the CPU extension, lint, model patches on CPU tensors) and CI runs them already;
+# tests/tools/test_gpu_checks.py checks that every test file is in this list or in CPU_ONLY.
+GPU_TESTS = [
+    "tests/backends/test_compile_first_use.py",
+    "tests/backends/test_dispatch.py",
+    "tests/backends/test_fast_backends.py",
+    "tests/backends/test_gpu_backends.py",
+    "tests/backends/test_gpu_methods.py",
+    "tests/backends/test_methods.py",
+    "tests/backends/test_op_table.py",
+    "tests/contract/test_bad_input.py",
+    "tests/contract/test_handwritten.py",
+    "tests/contract/test_shapes_dtypes_grad.py",
+    "tests/tools/test_benchmark_harness.py",
+    "tests/tools/test_e2e_benchmark.py",
+    "benchmarks/test_merge_benchmarks.py",
+]
+CPU_ONLY = [
+    "tests/backends/test_cpu_backend.py",
+    "tests/backends/test_native_methods.py",
+    "tests/builds/",
+    "tests/contract/test_methods_oracle.py",
+    "tests/contract/test_properties.py",
+    "tests/patch/",
+    "tests/tools/test_flops.py",
+    "tests/tools/test_gpu_checks.py",
+    "tests/tools/test_lint.py",
+    "tests/tools/test_public_api.py",
+    "tests/tools/test_readme.py",
+    "tests/tools/test_visualize.py",
+]
+
+
+@dataclass
+class Step:
+    name: str
+    budget_s: int
+    why: str  # the estimate behind the budget
+    command: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+    background: Optional[List[str]] = None  # runs beside the command, within the same budget
+    # filled in by run_step
+    rc: Optional[int] = None
+    status: str = "not run"
+    seconds: float = 0.0
+
+
+def steps(out: Path) -> List[Step]:
+    """The run, most important first. Budgets add up to at most 8 minutes (480 s)."""
+    pytest_args = [
+        "-m", "pytest", *GPU_TESTS, "-m", "not build and not compile", "--benchmark-disable",
+        "-p", "no:cacheprovider", "-q", "-rfE", f"--junitxml={out / 'junit.xml'}",
+    ]
+    if importlib.util.find_spec("xdist"):
+        # In parallel; a crash takes one worker, not the run (xdist restarts it and reports the test).
+        pytest_args += ["-n", str(JOBS)]
+    if importlib.util.find_spec("pytest_timeout"):
+        pytest_args += ["--timeout", "120"]  # a hung test fails alone instead of eating the step's budget
+    return [
+        Step("prepare", 120,
+             "CUDA extension build with TORCH_CUDA_ARCH_LIST=9.0 on 16 cores: 14 s measured (2026-11-30), "
+             "the CPU extension 24 s; beside it the Triton warm-up: about 130 compilations over 16 "
+             "processes, ~1 s each on a CPU machine's compile check, plus process start-up",
+             [PY, "-m", "benchmarks.warm_triton", "--jobs", str(JOBS)],
+             background=[PY, "-c", "from tome_kernels.backends.native import extension_build as eb; "
+                                   "eb.load('cpu'); eb.load('cuda'); print('loaded', eb.loaded_from('cuda'))"]),
+        Step("tests", 150,
+             "382 device tests passed in 79 s with -n 16 (2026-11-30, no warm cache); these files add "
+             "the contract and tool tests, about as many again",
+             [PY, *pytest_args], env={"TOME_TEST_DEVICE": "cuda"}),
+        Step("sanitizer", 60,
+             "memcheck slows kernels 10-100x; sanitize_case runs each operator on 3 small shapes "
+             "(kernels already compiled by prepare)",
+             ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+              PY, "-m", "tests.backends.sanitize_case"],
+             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
+        Step("benchmarks", 75,
+             "12 shapes x providers x passes, 100 timed calls each at 0.01-2 ms, plus torch.compile "
+             "of the compiled reference per shape",
+             [PY, "-m", "benchmarks.run", "--out", str(out)]),
+        Step("e2e", 45,
+             "two ViTs (B/16 at B=256, L/16-512 at B=32), 30 timed passes per provider, timm model build",
+             [PY, "-m", "benchmarks.e2e_vit", "--out", str(out)]),
+    ]
+
+
+# The environment facts: version commands, and one Python that imports torch and triton (a
+# few seconds warm; a cold disk on a fresh machine can take several times that).
+ENV_BUDGET_S = 30
+
+
+def total_budget(plan: List[Step]) -> int:
+    return ENV_BUDGET_S + sum(s.budget_s for s in plan)
+
+
+def print_plan(plan: List[Step]) -> None:
+    print(f"{'step':<11}{'budget':>8}  estimate")
+    print(f"{'env':<11}{ENV_BUDGET_S:>6} s  version commands (nvidia-smi, nvcc, python -c)")
+    for s in plan:
+        print(f"{s.name:<11}{s.budget_s:>6} s  {s.why}")
+        print(f"{'':<21}$ {shlex.join(s.command)}")
+    total = total_budget(plan)
+    print(f"{'total':<11}{total:>6} s  ({total / 60:.1f} min; the limit is 8 min)")
+
+
+# ----------------------------------------------------------------------------- running
+
+def _command_output(cmd: List[str], timeout: float = 10, env: Optional[Dict[str, str]] = None) -> str:
+    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
+        return f"{cmd[0]}: not found"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        return (proc.stdout + proc.stderr).strip() or f"(no output, exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+        return f"{shlex.join(cmd)}: timed out after {timeout} s"
+
+
+_PROBE = """
+import json, os, sys
+facts = {"python": sys.version.split()[0]}
+try:
+    import torch
+    facts.update(torch=torch.__version__, torch_cuda=torch.version.cuda, gpu=torch.cuda.is_available())
+    if facts["gpu"]:
+        facts["device"] = torch.cuda.get_device_name(0)
+        facts["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+except Exception as error:
+    facts.update(torch=f"not importable: {error}", gpu=False)
+try:
+    import triton
+    facts["triton"] = triton.__version__
+except Exception as error:
+    facts["triton"] = f"not importable: {error}"
+try:
+    from tome_kernels.backends.native import extension_build
+    facts["cuda_home"] = extension_build.cuda_home()
+except Exception as error:
+    facts["cuda_home"] = f"unknown: {type(error).__name__}: {error}"
+print(json.dumps(facts))
+"""
+
+
+def probe(env: Dict[str, str]) -> Dict[str, object]:
+    """Python-side facts, from a separate process (importing torch here would tie this
+    process to one CUDA context for the whole run)."""
+    try:
+        proc = subprocess.run([PY, "-c", _PROBE], capture_output=True, text=True, timeout=ENV_BUDGET_S,
+                              env=env, cwd=ROOT)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except Exception as error:  # no Python facts is itself the fact to report
+        return {"gpu": False, "torch": f"probe failed: {type(error).__name__}: {error}"}
+
+
+def write_env(out: Path, facts: Dict[str, object], env: Dict[str, str]) -> None:
+    lines = [f"{k}: {v}" for k, v in facts.items()]
+    lines.append(f"CUDA_HOME (environment): {os.environ.get('CUDA_HOME', '(not set)')}")
+    lines.append(f"cores: {JOBS}")
+    for cmd in (["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv"],
+                ["nvcc", "--version"], ["ninja", "--version"], ["compute-sanitizer", "--version"]):
+        lines.append(f"$ {shlex.join(cmd)}\n{_command_output(cmd, env=env)}")
+    (out / "env.txt").write_text("\n".join(lines) + "\n")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    # Each step runs in its own process group: pytest workers and pool processes go too.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_step(step: Step, out: Path, env: Dict[str, str]) -> None:
+    log_path = out / f"{step.name}.log"
+    step_env = {**env, **step.env}
+    start = time.monotonic()
+    print(f"[gpu_checks] {step.name}: start (budget {step.budget_s} s)", file=sys.stderr, flush=True)
+    if shutil.which(step.command[0]) is None and not os.path.exists(step.command[0]):
+        log_path.write_text(f"{step.command[0]}: not found on this machine\n")
+        step.status, step.rc = "skipped", None
+        print(f"[gpu_checks] {step.name}: skipped ({step.command[0]} not found)", file=sys.stderr, flush=True)
+        return
+    with open(log_path, "w") as log:
+        log.write(f"$ {shlex.join(step.command)}\n")
+        log.flush()
+        background = None
+        if step.background:
+            background_log = open(out / f"{step.name}_background.log", "w")
+            background = subprocess.Popen(step.background, stdout=background_log, stderr=subprocess.STDOUT,
+                                          env=step_env, cwd=ROOT, start_new_session=True)
+        proc = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, env=step_env, cwd=ROOT,
+                                start_new_session=True)
+        timed_out = False
+        try:
+            step.rc = proc.wait(timeout=step.budget_s)
+            if background is not None:
+                background_rc = background.wait(timeout=max(1.0, step.budget_s - (time.monotonic() - start)))
+                step.rc = step.rc or background_rc
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            for p in (proc, background):
+                if p is not None and p.poll() is None:
+                    _kill(p)
+            if background is not None:
+                background_log.close()
+    step.seconds = time.monotonic() - start
+    step.status = "timed out" if timed_out else ("passed" if step.rc == 0 else "failed")
+    print(f"[gpu_checks] {step.name}: {step.status} in {step.seconds:.0f} s (exit {step.rc})",
+          file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- summary
+
+def junit_counts(path: Path) -> Optional[Dict[str, object]]:
+    """Counts and failures from pytest's JUnit XML (None if there is none, or unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        return None
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    for case in root.iter("testcase"):
+        test_id = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            counts["failed"] += 1
+            reason = (bad.get("message") or bad.text or "").strip().splitlines()
+            counts["failures"].append((test_id, reason[0][:200] if reason else "(no message)"))
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def sanitizer_verdict(out: Path, step: Step) -> str:
+    log = out / "sanitizer.log"
+    if step.status in ("not run", "skipped"):
+        return f"not run ({step.status}: compute-sanitizer not found)" if step.status == "skipped" else "not run"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    summary = [line for line in text.splitlines() if "ERROR SUMMARY" in line]
+    verdict = summary[-1].strip() if summary else "no ERROR SUMMARY line"
+    return f"{step.status}: {verdict}"
+
+
+def _tail_table(log: Path, marker: str) -> str:
+    """The table a benchmark printed: from the line starting with ``marker`` to the end."""
+    if not log.is_file():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(marker)]
+    return "\n".join(lines[starts[-1]:]) if starts else ""
+
+
+def summarize(out: Path, plan: List[Step], facts: Dict[str, object], extra: List[str]) -> str:
+    lines = [f"# GPU checks: {facts.get('device', 'no GPU')}", "",
+             f"torch {facts.get('torch')} (CUDA {facts.get('torch_cuda')}), triton {facts.get('triton')}, "
+             f"Python {facts.get('python')}; output folder `{out}`", ""]
+    lines += extra
+    lines += ["| step | status | exit | seconds | budget | tests passed / failed / skipped |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    tests = junit_counts(out / "junit.xml")
+    for s in plan:
+        counts = ""
+        if s.name == "tests" and tests is not None:
+            counts = f"{tests['passed']} / {tests['failed']} / {tests['skipped']}"
+        lines.append(f"| {s.name} | {s.status} | {s.rc if s.rc is not None else '-'} | {s.seconds:.0f} | "
+                     f"{s.budget_s} | {counts} |")
+    by_name = {s.name: s for s in plan}
+    if "sanitizer" in by_name:
+        lines += ["", f"Sanitizer: {sanitizer_verdict(out, by_name['sanitizer'])}"]
+    body = "\n".join(lines)
+    tables = []
+    for name, marker in (("benchmarks", "device:"), ("e2e", "device:")):
+        table = _tail_table(out / f"{name}.log", marker)
+        if table:
+            tables.append(f"\n## {name}\n\n```\n{table}\n```")
+    failures = ["", "## Failing tests", ""] if tests and tests["failures"] else []
+    for test_id, reason in (tests or {}).get("failures", []):
+        failures.append(f"- `{test_id}`: {reason}")
+    # Steps and verdicts first, then failures, then tables, each cut to what still fits 8 KB.
+    text = body
+    for part in ("\n".join(failures), "".join(tables)):
+        room = SUMMARY_LIMIT - len(text.encode()) - 120
+        if len(part.encode()) > room:
+            part = part.encode()[: max(room, 0)].decode(errors="ignore") + "\n... (cut to fit 8 KB; see the logs)"
+        text += "\n" + part if part else ""
+    return text + "\n"
+
+
+def run_plan(plan: List[Step], out: Path, env: Dict[str, str]) -> List[str]:
+    """Run every step (whatever the ones before did), write steps.json, and return the
+    summary's extra lines: how many Triton kernels the warm-up compiled, and the tests after it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.warm_triton import cached_kernels
+
+    cache = Path(env["TRITON_CACHE_DIR"])
+    extra, warmed = [], None
+    for step in plan:
+        run_step(step, out, env)
+        if step.name == "prepare":
+            warmed = cached_kernels(cache)
+        elif step.name == "tests" and warmed is not None:
+            after = cached_kernels(cache)
+            extra += [f"Triton kernels compiled: {warmed} by the warm-up, {after - warmed} more during the tests.", ""]
+    (out / "steps.json").write_text(json.dumps(
+        [{"name": s.name, "command": s.command, "budget_s": s.budget_s, "rc": s.rc, "status": s.status,
+          "seconds": round(s.seconds, 1)} for s in plan], indent=1))
+    return extra
+
+
+def default_out() -> Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return ROOT / "benchmarks" / "results" / f"gpu_{stamp}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/gpu_checks.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", help="output folder (default: $OUT, else benchmarks/results/gpu_<time>/)")
+    p.add_argument("--plan", action="store_true", help="print the steps and their budgets, run nothing")
+    args = p.parse_args(argv)
+    out = Path(args.out or os.environ.get("OUT") or default_out()).resolve()
+    plan = steps(out)
+    if args.plan:
+        print_plan(plan)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.pop("TRITON_INTERPRET", None)  # the run is about compiled kernels
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # the H200; one architecture builds fastest
+    env.setdefault("MAX_JOBS", str(JOBS))
+    # A fresh Triton cache and extension cache per run: the counts below are this run's, and
+    # a stale build of an older tree cannot be picked up.
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_checks_"))
+    env.setdefault("TRITON_CACHE_DIR", str(scratch / "triton"))
+    env.setdefault("TOME_KERNELS_CACHE", str(scratch / "extensions"))
+
+    facts = probe(env)
+    write_env(out, facts, env)
+    if not facts.get("gpu"):
+        text = (f"# GPU checks: not run\n\nNo GPU here: `torch.cuda.is_available()` is false or torch did not "
+                f"import (torch: {facts.get('torch')}). Nothing was run; `env.txt` has the machine's facts.\n")
+        (out / "summary.md").write_text(text)
+        print(text, end="")
+        return 2
+
+    extra = run_plan(plan, out, env)
+    extra += [f"Whole run: {time.monotonic() - start:.0f} s (budget {total_budget(plan)} s).", ""]
+    text = summarize(out, plan, facts, extra)
+    (out / "summary.md").write_text(text)
+    print(text, end="")
+    return 0 if all(s.status == "passed" for s in plan) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
