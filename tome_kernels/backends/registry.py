@@ -48,20 +48,40 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY["reference"] = ref
 
 
+def _constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo
+    (that import alone would add seconds to ``import tome_kernels``): the decorator only sets
+    this attribute, which dynamo reads when traced code calls ``fn``.
+    tests/backends/test_compile_first_use.py checks that the decorator still sets it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
+def _load_error(name: str) -> Optional[str]:
+    """``load_error()`` of the backend ``name``, which loads it on first use.
+
+    Under torch.compile, dynamo runs this as plain Python at trace time and keeps the result
+    as a constant. Loading imports modules, takes locks and may build an extension, none of
+    which dynamo can trace: when a backend's first use was inside a compiled function, a
+    fullgraph compile failed on the extension loader's lock. The result may be a constant
+    because it never changes once known: a backend loads once, and a failure is kept."""
+    return _REGISTRY[name].load_error()
+
+
 def available_backends() -> Dict[str, BackendStatus]:
     """Every backend, whether it can run here, and if not, why."""
     status = {}
-    for name, backend in _REGISTRY.items():
-        reason = backend.load_error()
+    for name in _REGISTRY:
+        reason = _load_error(name)
         status[name] = BackendStatus(name, reason is None, reason)
     return status
 
 
 def cannot_run_reasons(name: str, tensors: Sequence[Tensor]) -> List[str]:
     """Why the backend ``name`` cannot run ``tensors`` here; empty when it can."""
-    backend = _REGISTRY[name]
-    error = backend.load_error()
-    return [error] if error else backend.unsupported_reasons(tensors)
+    error = _load_error(name)
+    return [error] if error else _REGISTRY[name].unsupported_reasons(tensors)
 
 
 def _warn_once(backend: Backend, reason: str) -> None:
@@ -105,10 +125,10 @@ def select_backend(backend, tensors: Sequence[Tensor]) -> Backend:
     """The backend that will run ``tensors``; raises if one named explicitly cannot."""
     name, source = _name_in_force(backend)
     if name == "auto":
-        for candidate in _REGISTRY.values():
+        for candidate_name, candidate in _REGISTRY.items():
             if candidate.unsupported_reasons(tensors):
                 continue
-            error = candidate.load_error()
+            error = _load_error(candidate_name)
             if error is None:
                 return candidate
             if tensors and candidate.expected_for(tensors[0].device):
