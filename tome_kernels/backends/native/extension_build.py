@@ -21,6 +21,8 @@ Environment:
   build is then ignored (asking for a source tree means wanting it compiled: the hook for
   working on the kernels over a stale in-place build, and for the tests).
 - ``TORCH_CUDA_ARCH_LIST`` (cuda): the architectures, default :data:`DEFAULT_CUDA_ARCHS`.
+- ``CUDA_HOME`` (cuda): the toolkit. When neither it nor ``CUDA_PATH`` is set, it is set to
+  the toolkit the ``nvcc`` on PATH belongs to (:func:`cuda_home_of_nvcc`).
 
 This file is also read by setup.py (flags and the source list), so it imports nothing
 from the package and nothing heavy at import time.
@@ -33,7 +35,10 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -143,6 +148,66 @@ def cache_root() -> Path:
     return Path(os.environ.get(ENV_CACHE) or default).expanduser()
 
 
+# ----------------------------------------------------------------------------- the CUDA toolkit
+
+
+def cuda_home_of_nvcc(nvcc: Optional[str] = None) -> Optional[str]:
+    """The root of the CUDA toolkit that ``nvcc`` (default: the one on PATH) belongs to, or
+    None: the folder whose ``include/cuda_runtime.h`` exists.
+
+    torch's guess (cpp_extension: the parent of the folder of ``which nvcc``) is wrong when
+    ``nvcc`` is a wrapper script, such as ``/usr/local/bin/nvcc`` running
+    ``/usr/local/cuda-13.0/bin/nvcc "$@"``: it gives ``/usr/local``, with no CUDA headers. So
+    nvcc is asked instead: ``--dryrun`` prints the real compiler's settings, among them
+    ``#$ TOP=<toolkit>/bin/..``, without compiling anything (the input need not exist).
+    """
+    nvcc = nvcc or shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    candidates = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([nvcc, "--dryrun", "-c", os.path.join(tmp, "probe.cu")], cwd=tmp,
+                                  capture_output=True, text=True, timeout=60)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            setting = line.removeprefix("#$").strip()
+            if setting.startswith("TOP="):
+                candidates.append(setting[len("TOP="):])
+            elif setting.startswith("_HERE_="):  # the real nvcc's own folder: <toolkit>/bin
+                candidates.append(os.path.join(setting[len("_HERE_="):], ".."))
+    except (OSError, subprocess.SubprocessError):  # not runnable: the paths below may still tell
+        pass
+    # A symlinked nvcc (no wrapper) resolves to its toolkit; torch's own guess comes last.
+    candidates += [os.path.join(os.path.dirname(os.path.realpath(nvcc)), ".."),
+                   os.path.join(os.path.dirname(nvcc), "..")]
+    for candidate in candidates:
+        home = os.path.realpath(candidate)
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def use_real_cuda_home() -> Optional[str]:
+    """Points torch's extension builder at the toolkit of the ``nvcc`` on PATH, unless the
+    user chose one (``CUDA_HOME`` / ``CUDA_PATH``). Returns the toolkit chosen or found; None
+    leaves torch's own guess in place.
+
+    ``CUDA_HOME`` is set in the environment because cpp_extension reads it once, at import,
+    and also warns naming its wrong guess then; if cpp_extension was already imported, its
+    module-level ``CUDA_HOME`` (which its functions read at call time) is set as well.
+    """
+    chosen = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if chosen or torch.version.cuda is None:  # a CPU torch builds nothing CUDA, whatever the toolkit
+        return chosen
+    home = cuda_home_of_nvcc()
+    if home is not None:
+        os.environ["CUDA_HOME"] = home
+        cpp_extension = sys.modules.get("torch.utils.cpp_extension")
+        if cpp_extension is not None:
+            cpp_extension.CUDA_HOME = home
+    return home
+
+
 # ----------------------------------------------------------------------------- loading
 
 # One lock for the whole loader: "cuda" loads "cpu" under it (hence reentrant), and two
@@ -222,6 +287,8 @@ def _jit_obstacle(kind: str, aot_error: Optional[str] = None) -> Optional[str]:
         where = f"{ENV_CSRC}={os.environ[ENV_CSRC]}" if os.environ.get(ENV_CSRC) else "csrc/ or tome_kernels/_csrc/"
         return (f"no ahead-of-time build of the {kind} extension is installed and there are no sources "
                 f"to build it from ({where} has no sources.txt)")
+    if kind == "cuda":
+        use_real_cuda_home()  # before cpp_extension is imported: it fixes CUDA_HOME then
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
