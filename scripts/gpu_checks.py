@@ -185,7 +185,9 @@ except Exception as error:
     facts["triton"] = f"not importable: {error}"
 try:
     from tome_kernels.backends.native import extension_build
-    facts["cuda_home"] = extension_build.cuda_home()
+    # What the extension builds will use: the user's CUDA_HOME, else the toolkit nvcc reports.
+    facts["cuda_home"] = extension_build.use_real_cuda_home()
+    facts["toolkit_of_nvcc"] = extension_build.cuda_home_of_nvcc()
 except Exception as error:
     facts["cuda_home"] = f"unknown: {type(error).__name__}: {error}"
 print(json.dumps(facts))
