@@ -10,6 +10,7 @@ import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from benchmarks.timm_import import use_stand_in_if_needed  # noqa: E402
+from tests.helpers import NO_DEVICE  # noqa: E402
 from tome_kernels.backends import registry  # noqa: E402
 
 # timm imports torchvision, which has no build for the CPU torch here: a stand-in that only
@@ -33,5 +34,8 @@ def _isolated_backend_state(monkeypatch):
 
 @pytest.fixture
 def device():
-    """Where the tensors of a test live: the CPU in CI, the GPU when TOME_TEST_DEVICE=cuda."""
+    """Where the tensors of a test live: the CPU in CI, the GPU when TOME_TEST_DEVICE=cuda.
+    A GPU run on a machine without a GPU skips the tests on the device, saying why."""
+    if NO_DEVICE:
+        pytest.skip(NO_DEVICE)
     return torch.device(os.environ.get("TOME_TEST_DEVICE", "cpu"))

@@ -22,7 +22,8 @@ import os
 import pytest
 import torch
 
-from tome_kernels import available_backends, reference
+from tome_kernels import reference
+from tome_kernels.backends import registry
 from tome_kernels.reference import energy
 
 # The repository (tests/ is one folder down).
@@ -30,6 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
 # The tests run on the GPU (TOME_TEST_DEVICE=cuda) rather than the CPU.
 ON_GPU = os.environ.get("TOME_TEST_DEVICE", "cpu") == "cuda"
+# Why the tests on the device (the ``device`` fixture) cannot run here, or None: a GPU run on
+# a machine without a GPU, which CI makes to check the GPU mode of the tests themselves.
+NO_DEVICE = ("TOME_TEST_DEVICE=cuda, but this machine has no GPU (torch.cuda.is_available() is False)"
+             if ON_GPU and not torch.cuda.is_available() else None)
 # The marks of a module of GPU-only checks: marked "gpu", and skipped (reported as skipped,
 # never as passed) without a GPU and TOME_TEST_DEVICE=cuda.
 GPU_ONLY = [
@@ -141,9 +146,24 @@ def tokens_seen_by_blocks(model, x):
     return counts
 
 
-def runnable_backends():
-    names = ["reference"]
-    for name, status in available_backends().items():
-        if status.available and name not in names and name != "cuda":
-            names.append(name)
-    return names
+def cpu_tensor_reasons(name, dtype=torch.float32):
+    """Why the backend ``name`` does not take ``dtype`` CPU tensors here, empty when it does.
+    Answered without loading it: a backend that takes them but cannot load is not excused, its
+    test fails with the reason (a build error is a defect, not a skip)."""
+    return registry._REGISTRY[name].unsupported_reasons([torch.zeros(1, dtype=dtype)])
+
+
+def runs_cpu_tensors(name, dtype=torch.float32):
+    """A mark that skips the test, saying why, where the backend ``name`` does not take ``dtype``
+    CPU tensors: "triton" in a GPU run (TOME_TEST_DEVICE=cuda), which leaves Triton's
+    interpreter off, so that its kernels need CUDA tensors."""
+    reasons = cpu_tensor_reasons(name, dtype)
+    return pytest.mark.skipif(bool(reasons), reason=f"the {name} backend does not run {dtype} CPU tensors here: "
+                              + "; ".join(reasons))
+
+
+def cpu_backend_cases(dtype=torch.float32):
+    """The fast backends that a test of a CPU model compares with the reference, as pytest
+    parameters: "cpu", and "triton" (in Triton's interpreter), each skipped with its reason
+    where it does not take ``dtype`` CPU tensors. "cuda" never does and is not a case."""
+    return [pytest.param(name, marks=runs_cpu_tensors(name, dtype)) for name in ("cpu", "triton")]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tome_kernels
+from tests.helpers import runs_cpu_tensors
 from tome_kernels import BackendFallbackWarning, available_backends, bipartite_match, bipartite_merge, reference
 from tome_kernels.backends import ENV_VAR, register_backend, registry
 from tome_kernels.backends.base import Backend
@@ -139,6 +140,7 @@ def test_registered_order_for_auto():
     assert REGISTERED_AT_IMPORT == ["cpu", "triton", "cuda", "reference"]
 
 
+@runs_cpu_tensors("triton")
 def test_triton_takes_cpu_tensors_only_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {"triton": TritonBackend(), **registry._REGISTRY})
     assert list(available_backends()) == ["triton", "reference"]

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import assert_within_twice_reference_error
+from tests.helpers import assert_within_twice_reference_error, runs_cpu_tensors
 from tome_kernels import MERGE_MODES, bipartite_match, bipartite_merge, reference
 
 from .oracle import expected_r, merge_groups, oracle_groups, token_map_of
@@ -93,6 +93,7 @@ def test_agrees_with_oracle(case):
 
 
 # The interpreter runs a Triton case in about a second: fewer examples than the reference's.
+@runs_cpu_tensors("triton")
 @settings(max_examples=max(10, settings().max_examples // 3))
 @given(cases(x_dtype=torch.float32, ties="copies"))
 def test_triton_agrees_with_oracle(case):
@@ -100,6 +101,7 @@ def test_triton_agrees_with_oracle(case):
     check_against_oracle(case, "triton")
 
 
+@runs_cpu_tensors("triton")
 @settings(max_examples=max(10, settings().max_examples // 3))
 @given(cases(x_dtype=torch.float32, ties="copies"))
 def test_triton_repeated_runs_identical_and_inputs_untouched(case):

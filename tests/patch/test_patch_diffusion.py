@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import tome_kernels.patch as tome_patch
-from tests.helpers import assert_within_twice_reference_error
-from tome_kernels import available_backends, grid_match
+from tests.helpers import assert_within_twice_reference_error, cpu_backend_cases
+from tome_kernels import grid_match
 from tome_kernels.patch.diffusion import _merged_forward
 
 diffusers_import_utils = pytest.importorskip("diffusers.utils.import_utils")
@@ -203,11 +203,8 @@ def test_unet_is_reseeded_every_forward():
     assert not torch.allclose(run(unet, sample, timestep, encoder), first, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", cpu_backend_cases())
 def test_backends_agree_with_the_reference(backend):
-    status = available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"the {backend} backend cannot run here: {status.reason}")
     x, encoder = tokens(), context()
     outputs = {}
     for name in ("reference", backend):
