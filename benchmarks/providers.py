@@ -11,6 +11,7 @@ do not apply to them.
 """
 
 import os
+import types
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -26,6 +27,8 @@ from .shapes import METHODS, Shape
 
 Step = Callable[[], Tuple[torch.Tensor, ...]]
 
+# Providers that run under torch.compile: each row must compile exactly one graph (run.py).
+COMPILED = ("reference_compiled",)
 # Providers that force one path of the Triton backend: provider -> one_pass.
 TRITON_PATHS = {"triton_one_pass": True, "triton_multi_kernel": False}
 # kth bipartite merging keeps every k-th token as a destination: k = 2 removes half.
@@ -153,6 +156,28 @@ def applies(provider: str, shape: Shape) -> bool:
     return shape.method == "tome" or provider in tome_kernels.available_backends()
 
 
+def compiled_alone(fn: Callable) -> Callable:
+    """``fn`` under ``torch.compile``, with a compile cache of its own, as one graph.
+
+    Dynamo keeps what it compiled on the function's code object, which every closure made by
+    the same ``def`` shares: over the table's shapes and passes (each a new specialization)
+    the reference step passed dynamo's recompile limit (8), and the last rows (diffusion)
+    silently ran eagerly under the label "reference_compiled". A copy of the code object
+    gives each step its own cache. ``fullgraph=True`` turns what would still run eagerly (a
+    graph break, the limit reached anyway) into an error; ``run.py`` also counts the graphs
+    each row compiles (``dynamo_graphs``).
+    """
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(fresh, dynamic=False, fullgraph=True)
+
+
+def dynamo_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters  # imported here: the other providers never need dynamo
+
+    return counters["stats"]["unique_graphs"]
+
+
 def _forward_fn(provider: str, shape: Shape) -> Callable:
     if shape.method != "tome":
         if not applies(provider, shape):
@@ -166,7 +191,7 @@ def _forward_fn(provider: str, shape: Shape) -> Callable:
     if provider == "reference":
         return reference_step
     if provider == "reference_compiled":
-        return torch.compile(reference_step, dynamic=False)
+        return compiled_alone(reference_step)
     if provider in TRITON_PATHS:
         from tome_kernels.backends.triton import ops
 

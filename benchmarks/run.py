@@ -10,7 +10,9 @@ bandwidth measured in the same run), the speed-up over ``reference``, the peak m
 inputs and outputs, and the relative error against ``reference``; for the other methods
 also how many tokens are grouped as the reference groups them (``method_agreement`` in
 providers.py: near-ties may part). Raw timings, device, versions and commit go to
-benchmarks/results/<device>_<time>.json.
+benchmarks/results/<device>_<time>.json. A compiled provider's row must compile exactly one
+graph: one that ran eagerly is reported as "eager fallback", one that recompiled while timed
+(or could not compile as one graph) as an error, neither with timings.
 """
 
 import argparse
@@ -23,7 +25,16 @@ from typing import Dict, List, Optional
 import torch
 
 from .measure import copy_bandwidth, environment, peak_extra_bytes, rel_err, save_results, time_fn
-from .providers import applies, make_inputs, make_step, method_agreement, provider_names, unavailable_reason
+from .providers import (
+    COMPILED,
+    applies,
+    dynamo_graphs,
+    make_inputs,
+    make_step,
+    method_agreement,
+    provider_names,
+    unavailable_reason,
+)
 from .shapes import GPU_SHAPES, default_shapes
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -110,6 +121,7 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
     reason = unavailable_reason(provider, inputs)
     if reason:
         return {**row, "status": "unavailable", "reason": reason}
+    graphs_before = dynamo_graphs() if provider in COMPILED else 0
     try:
         step = make_step(provider, shape, inputs, pass_name == "fwd+bwd")
         row["rel_err_vs_reference"] = rel_err(step(), expected)  # first call: compiles, if it does
@@ -121,6 +133,16 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
     median = statistics.median(times)
     min_bytes = shape.min_bytes(dtype, backward=pass_name == "fwd+bwd")
     peak, peak_error = peak_extra_bytes(step, device)
+    if provider in COMPILED:
+        # One graph, compiled by the first call: none means the step ran eagerly, more that
+        # it recompiled while timed. Either way the timings are not the compiled step's.
+        graphs = dynamo_graphs() - graphs_before
+        if graphs != 1:
+            status = "eager fallback" if graphs == 0 else "error"
+            return {**row, "status": status, "compiled_graphs": graphs,
+                    "reason": f"torch.compile compiled {graphs} graphs for this row, not 1: its timings are not "
+                              "the compiled step's"}
+        row["compiled_graphs"] = graphs
     return {**row, "status": "ok", "times_s": times, "median_s": median, "min_bytes": min_bytes,
             "gbps": min_bytes / median / 1e9, "fraction_of_copy_bw": min_bytes / median / 1e9 / copy["gbps"],
             "floor_s": min_bytes / (copy["gbps"] * 1e9), "peak_extra_bytes": peak, "peak_error": peak_error}

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from benchmarks import run
+from benchmarks import providers, run
 from benchmarks.measure import peak_extra_bytes, rel_err
 from benchmarks.providers import applies, same_group
 from benchmarks.shapes import CPU_SHAPES, GPU_SHAPES, Shape
@@ -117,3 +117,44 @@ def test_run_rejects_unknown_names():
         run.run(run.parse_args(["--providers", "nope"]))
     with pytest.raises(SystemExit, match="unknown shape"):
         run.run(run.parse_args(["--shapes", "nope", "--copy-mib", "1"]))
+
+
+def compiled_rows(tmp_path, *shapes):
+    """The reference_compiled rows of ``shapes``, forward, on the CPU (a few seconds each)."""
+    argv = ["--device", "cpu", "--shapes", *shapes, "--providers", "reference_compiled", "--passes", "fwd",
+            "--reps", "2", "--warmup", "0", "--min-seconds", "0", "--copy-mib", "1", "--out", str(tmp_path)]
+    return run.run(run.parse_args(argv))
+
+
+def test_each_compiled_row_is_timed_compiled(tmp_path):
+    """Each row compiles its own graph. The CPU table's ten ToMe rows used to share one
+    compiled function, and past dynamo's recompile limit (8) the diffusion rows ran eagerly
+    while labelled "reference_compiled"; a limit of 1 makes that show from the second row."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        results = compiled_rows(tmp_path, "vit_b16_224_b1", "vit_h14_518")
+    rows = [(r["shape"], r["status"], r.get("compiled_graphs")) for r in results["rows"]]
+    assert rows == [("vit_b16_224_b1", "ok", 1), ("vit_h14_518", "ok", 1)]
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_a_compiled_row_run_eagerly_is_reported(tmp_path, monkeypatch):
+    """A "compiled" step that compiles nothing (what dynamo does past its limit without
+    fullgraph) is labelled an eager fallback, without timings."""
+    monkeypatch.setattr(providers, "compiled_alone", lambda fn: fn)
+    results = compiled_rows(tmp_path, "vit_b16_224_b1")
+    (row,) = results["rows"]
+    assert (row["status"], row["compiled_graphs"]) == ("eager fallback", 0) and "times_s" not in row
+    assert "reference_compiled  eager fallback: torch.compile compiled 0 graphs" in run.format_table(results)
+
+
+def test_a_compiled_row_past_the_recompile_limit_fails(tmp_path):
+    """With fullgraph, reaching dynamo's recompile limit is an error row, not eager timings."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=0):
+        (row,) = compiled_rows(tmp_path, "vit_b16_224_b1")["rows"]
+    assert row["status"] == "error" and "recompile" in row["reason"].lower() and "times_s" not in row
