@@ -287,8 +287,9 @@ def _jit_obstacle(kind: str, aot_error: Optional[str] = None) -> Optional[str]:
         where = f"{ENV_CSRC}={os.environ[ENV_CSRC]}" if os.environ.get(ENV_CSRC) else "csrc/ or tome_kernels/_csrc/"
         return (f"no ahead-of-time build of the {kind} extension is installed and there are no sources "
                 f"to build it from ({where} has no sources.txt)")
-    if kind == "cuda":
-        use_real_cuda_home()  # before cpp_extension is imported: it fixes CUDA_HOME then
+    # For either kind: cpp_extension fixes its CUDA_HOME when first imported, which a "cpu"
+    # build does first, and warns then naming the toolkit it found.
+    use_real_cuda_home()
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
