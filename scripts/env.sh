@@ -1,17 +1,21 @@
 # Sourced by scripts/bench.sh and scripts/test.sh: picks the Python to run with and, on a
-# machine without a CUDA torch, sets up a virtual environment for it. Sets $PYTHON.
+# machine without a GPU, sets up a virtual environment for it. Sets $PYTHON.
 #
-# - A python that already has a CUDA build of torch (a GPU machine, which may have no
-#   package registry) is used as it is: nothing is installed.
+# - A python whose torch can use a GPU (the GPU machine, which may have no package
+#   registry) is used as it is: nothing is installed.
 # - Otherwise .venv/ is created in the repository and given the pinned CPU torch and the
-#   test and build tools. It is reused while requirements/ is unchanged.
+#   test and build tools. It is reused while requirements/*.txt is unchanged. A CUDA build
+#   of torch on a machine without a GPU gets .venv/ too: such a python lacks the pinned
+#   versions and tools (the CUDA build check has its own, scripts/env_cuda.sh).
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BASE_PYTHON=${TOME_PYTHON:-python3}
 
-if "$BASE_PYTHON" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+# torch.cuda.is_available(), not torch.version.cuda: the latter is also set in a CUDA build
+# on a machine without a GPU, where the suite must run in .venv/ like on any CPU machine.
+if "$BASE_PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   PYTHON=$(command -v "$BASE_PYTHON")
-  echo "env: $PYTHON has a CUDA torch; installing nothing" >&2
+  echo "env: $PYTHON has a torch that can use a GPU; installing nothing" >&2
 else
   VENV=$ROOT/.venv
   STAMP=$VENV/.requirements-sha256
