@@ -5,6 +5,7 @@ without a GPU, steps that fail or run past their budget, the summary, and which 
 it runs.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -77,11 +78,16 @@ def test_every_test_file_is_placed():
     assert not set(gpu_checks.GPU_TESTS) & set(gpu_checks.CPU_ONLY)
     unplaced = [f for f in files if not any(f == e or (e.endswith("/") and f.startswith(e)) for e in listed)]
     assert not unplaced, f"put these in GPU_TESTS or CPU_ONLY of scripts/gpu_checks.py: {unplaced}"
-    # A file that asks for the GPU in any way belongs to the GPU run.
+    # A file that asks for the GPU (a test or fixture taking the `device` fixture, or the
+    # GPU-only marks of tests.helpers) belongs to the GPU run.
     for f in files:
-        text = (Path(ROOT) / f).read_text()
-        if "GPU_ONLY" in text or "(device)" in text or ", device" in text:
-            assert f in gpu_checks.GPU_TESTS, f"{f} uses the device fixture or GPU marks"
+        tree = ast.parse((Path(ROOT) / f).read_text())
+        takes_device = any(isinstance(node, ast.FunctionDef) and "device" in [a.arg for a in node.args.args]
+                           for node in ast.walk(tree))
+        gpu_marks = any(isinstance(node, ast.ImportFrom) and node.module == "tests.helpers"
+                        and {"GPU_ONLY", "ON_GPU"} & {alias.name for alias in node.names} for node in ast.walk(tree))
+        if takes_device or gpu_marks:
+            assert f in gpu_checks.GPU_TESTS, f"{f} uses the device fixture or the GPU marks"
 
 
 def _step(name, code, budget=30):
