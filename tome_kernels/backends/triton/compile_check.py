@@ -5,22 +5,31 @@ executes them with NumPy and never lowers them: it misses what only the compiler
 (globals that are not ``tl.constexpr``, layouts of ``tl.dot`` operands, type errors on paths
 the interpreter treats loosely, shared-memory limits, ptxas errors). This module compiles
 each kernel down to a cubin for its meaningful specialisations: every dtype, every value of
-each boolean constexpr, the merge modes, the block sizes ``launch.py`` picks for a few
-representative shapes, and both the generic (strided) and the contiguous-input code.
+each boolean constexpr, the merge modes, with ``launch.py``'s block sizes and warps, for
+aligned, unaligned and strided inputs (``LAYOUTS``). Each variant must also spill at most
+``SPILL_LIMIT_BYTES`` and hold no approximate square root or division (``APPROXIMATE_OPS``).
 
     python -m tome_kernels.backends.triton.compile_check [--arch 90] [--jobs N]
 
-Prints ``ok <kernel> <spec>`` per compiled variant and a summary ``compiled K of N``;
-exits non-zero if any variant failed. Must run without ``TRITON_INTERPRET=1``. Compiles into
+Prints ``ok <kernel> <spec> regs=.. stack=.. spill_stores=.. spill_loads=.. sass=..`` per
+compiled variant (per thread: registers, stack frame and spill bytes, from ptxas; the static
+SASS instruction count), a table of each kernel's largest figures, and a summary
+``compiled K of N``; exits non-zero if any variant failed. Must run without
+``TRITON_INTERPRET=1``. Compiles into
 a fresh Triton cache every run: a cache hit skips the code generator, so a kernel cached
 once under other settings (e.g. ``TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1``) would pass unseen.
 """
 
 import argparse
+import contextlib
 import importlib
+import io
 import itertools
 import multiprocessing
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,49 +113,34 @@ KERNELS = {
     ),
 }
 
-# Representative shapes: ViT-B/16 (N=197, keys of 12 heads x 64, C=768), the main one; a
-# Stable Diffusion row (N=4096, D=C=320: D spans three 128-wide blocks, so ONE_CHUNK=False);
-# a tiny row, where every block clamps to its minimum of 16; a tiny row of wide tokens
-# (ONE_CHUNK=False with the smallest token blocks, which compiles fast).
-SHAPES = {
-    "vit": dict(N=197, D=64, C=768),
-    "sd": dict(N=4096, D=320, C=320),
-    "tiny": dict(N=5, D=4, C=3),
-    "tiny_wide": dict(N=5, D=320, C=320),
-}
-
-# "strided": every int a plain i32 and pointers of unknown alignment, the most general code.
-# "contiguous": what Triton specialises at runtime for contiguous, freshly allocated inputs:
-# unit strides become the constant 1 and pointers (and, where the shape allows, row strides
-# and widths) are known multiples of 16, which is the path with vectorised loads and stores.
-LAYOUTS = ("contiguous", "strided")
+# How a launch's arguments look to Triton, which specialises on them at run time (see
+# ``specializations.py``); the block sizes are launch.py's constants, the same for every shape.
+# "aligned": contiguous inputs whose rows are multiples of 16 wide (C, D: every model's
+# shapes): unit strides become the constant 1, and pointers, row strides and widths are known
+# multiples of 16, the path with vectorised loads and stores. "unaligned": contiguous inputs of
+# odd widths (the tests' C = 3, D = 4): unit strides 1 and aligned pointers only. "strided":
+# nothing known, every int a plain i32, the most general code.
+LAYOUTS = ("aligned", "unaligned", "strided")
 
 
-def _blocks(kernel: str, shape: str, do_merge: bool = True) -> Dict[str, object]:
-    """The constexpr block sizes (and ONE_CHUNK) that launch.py picks for this shape."""
-    from .launch import _block, _merge_blocks  # the launcher's own rules, so they cannot drift
+def _blocks(kernel: str) -> Dict[str, object]:
+    """The constexpr block sizes and the warps launch.py launches this kernel with."""
+    from . import launch  # the launcher's own constants, so that they cannot drift
 
-    s = SHAPES[shape]
-    na, nb = (s["N"] + 1) // 2, s["N"] // 2
-    block_d = _block(s["D"], 16, 128)
-    match = dict(ONE_CHUNK=s["D"] <= block_d, BLOCK_D=block_d)
-    rank = dict(BLOCK_I=_block(na, 16, 64), BLOCK_K=_block(na, 16, 128))
-    block_r, block_c = _merge_blocks(s["C"])
-    merge = dict(BLOCK_R=block_r, BLOCK_C=block_c)
+    warps, score_warps = dict(num_warps=launch.WARPS), dict(num_warps=launch.SCORE_WARPS)
+    match = dict(BLOCK_A=launch.TOKEN_BLOCK, BLOCK_B=launch.TOKEN_BLOCK, BLOCK_D=launch.FEATURE_BLOCK)
+    rank = dict(BLOCK_I=launch.TOKEN_BLOCK, BLOCK_K=launch.RANK_BLOCK)
     if kernel == "match_kernel":
-        return dict(match, BLOCK_A=_block(na, 16, 64), BLOCK_B=_block(nb, 16, 64))
+        return dict(score_warps, **match)
     if kernel in ("assign_kernel", "energy_kernel"):
-        return dict(match, BLOCK_I=_block(s["N"], 16, 64), BLOCK_J=_block(s["N"], 16, 64))
+        return dict(score_warps, BLOCK_I=launch.TOKEN_BLOCK, BLOCK_J=launch.TOKEN_BLOCK, BLOCK_D=launch.FEATURE_BLOCK)
     if kernel == "rank_kernel":
-        return rank
+        return dict(warps, **rank)
     if kernel == "layout_kernel":
-        return dict(BLOCK=_block(max(na, nb), 16, 64))
+        return dict(warps, BLOCK=launch.TOKEN_BLOCK)
     if kernel == "one_pass_kernel":
-        block_ab = _block(max(na, nb), 16, 128)
-        if not do_merge:  # match only: launch.py passes dummy 16 x 16 merge blocks
-            merge = dict(BLOCK_R=16, BLOCK_C=16)
-        return dict(match, **rank, **merge, BLOCK_A=block_ab, BLOCK_B=block_ab, BLOCK_L=_block(max(na, nb), 16, 64))
-    return merge
+        return dict(score_warps, **match, **rank, **launch.MERGE_BLOCKS, BLOCK_L=launch.TOKEN_BLOCK)
+    return dict(warps, **launch.MERGE_BLOCKS)
 
 
 def _flag_sets(names: Tuple[str, ...], full: bool) -> List[Dict[str, bool]]:
@@ -160,75 +154,48 @@ def _flag_sets(names: Tuple[str, ...], full: bool) -> List[Dict[str, bool]]:
 
 
 def all_specs() -> List[Tuple[str, Dict[str, object]]]:
-    """(kernel name, spec) for every variant to compile. A spec holds dtype, shape, layout,
-    num_warps and the value of each of the kernel's constexpr arguments."""
+    """(kernel name, spec) for every variant to compile. A spec holds dtype, layout, num_warps
+    and the value of each of the kernel's constexpr arguments."""
     specs = []
 
-    def add(kernel, dtype, shape, layout, num_warps=4, **constexprs):
-        spec = dict(dtype=dtype, shape=shape, layout=layout, num_warps=num_warps, **constexprs)
-        spec.update(_blocks(kernel, shape, constexprs.get("DO_MERGE", True)))
-        specs.append((kernel, spec))
-
     def sweep(kernel, flag_sets, dtypes=DTYPES):
-        """For kernels that compile in well under a second: each flag set at the main shape
-        in both layouts, per dtype; the other shapes' blocks with the defaults (the first
-        set) and with every flag set (the last), contiguous."""
+        """Each flag set in the aligned layout, per dtype; the defaults (the first set) and
+        every flag (the last) also in the other layouts."""
         for dtype in dtypes:
-            for flags, layout in itertools.product(flag_sets, LAYOUTS):
-                add(kernel, dtype, "vit", layout, **flags)
-            for shape in ("sd", "tiny", "tiny_wide"):
-                for flags in (flag_sets[0], flag_sets[-1]):
-                    add(kernel, dtype, shape, "contiguous", **flags)
-
-    def sweep_slow(kernel, flag_sets, defaults, everything, num_warps):
-        """For the matching and similarity kernels, whose launch-sized blocks (a 64 or 128
-        square tl.dot) take 3 to 15 s a compile: the flags are covered per dtype at the tiny
-        shapes, whose 16-wide blocks compile in about a second; the launch-sized blocks get
-        the defaults per dtype, and in float16 (what models run in) also every flag set, at
-        the main shape strided and at the sd shape (ONE_CHUNK=False)."""
-        for dtype in DTYPES:
             for flags in flag_sets:
-                add(kernel, dtype, "tiny", "contiguous", num_warps, **flags)
-            add(kernel, dtype, "tiny", "strided", num_warps, **everything)
-            add(kernel, dtype, "tiny_wide", "contiguous", num_warps, **everything)
-            add(kernel, dtype, "vit", "contiguous", num_warps, **defaults)
-        add(kernel, "fp16", "vit", "strided", num_warps, **everything)
-        add(kernel, "fp16", "sd", "contiguous", num_warps, **everything)
+                specs.append((kernel, dict(dtype=dtype, layout="aligned", **flags, **_blocks(kernel))))
+            for flags, layout in itertools.product((flag_sets[0], flag_sets[-1]), LAYOUTS[1:]):
+                specs.append((kernel, dict(dtype=dtype, layout=layout, **flags, **_blocks(kernel))))
 
     # No data pointers: the dtype under test does not reach these two.
     sweep("rank_kernel", _flag_sets(("CLASS",), full=True), dtypes=("-",))
     sweep("layout_kernel", _flag_sets(("CLASS", "DISTILL", "WRITE_INDICES"), full=True), dtypes=("-",))
     # HAS_SIZE only matters to the weighted mode (0), but launch.py passes it for every mode.
-    merge_sets = [dict(MODE=m, HAS_SIZE=False) for m in (0, 1, 2, 3, 4)] + [dict(MODE=0, HAS_SIZE=True)]
-    sweep("merge_kernel", merge_sets)
+    sweep("merge_kernel", [dict(MODE=m, HAS_SIZE=False) for m in (0, 1, 2, 3, 4)] + [dict(MODE=0, HAS_SIZE=True)])
     # SIZE_GRAD implies HAS_SIZE (launch.py: size_grad = size_grad and size is not None).
     size_flags = ((False, False), (True, False), (True, True))
     sweep("merge_wavg_bwd_kernel", [dict(HAS_SIZE=h, SIZE_GRAD=g) for h, g in size_flags])
     sweep("merge_bwd_kernel", [dict(MODE=m) for m in (1, 2, 3, 4)])
     sweep("unmerge_kernel", [{}])
-
-    match_flags = ("IS_KEYS", "DISTILL")
-    sweep_slow("match_kernel", _flag_sets(match_flags, full=True), dict.fromkeys(match_flags, False),
-               dict.fromkeys(match_flags, True), 4)
-    # One-pass defaults: bipartite_match's launch (indices, no merge); every flag set:
-    # bipartite_merge's launch (merge, no indices) with keys, sizes and both special tokens.
+    sweep("match_kernel", _flag_sets(("IS_KEYS", "DISTILL"), full=True))
+    # One-pass: the covering set, whose first and last are bipartite_match's launch (indices,
+    # no merge) and bipartite_merge's (merge, no indices) with keys, sizes and both tokens.
     one_pass_flags = ("IS_KEYS", "CLASS", "DISTILL", "HAS_SIZE", "WRITE_INDICES", "DO_MERGE")
     no_flags = dict.fromkeys(one_pass_flags, False)
-    sweep_slow(
-        "one_pass_kernel", _flag_sets(one_pass_flags, full=False), dict(no_flags, WRITE_INDICES=True),
-        dict(dict.fromkeys(one_pass_flags, True), WRITE_INDICES=False), 8,
-    )
+    one_pass_sets = _flag_sets(one_pass_flags, full=False)[1:-1]
+    sweep("one_pass_kernel", [dict(no_flags, WRITE_INDICES=True)] + one_pass_sets
+          + [dict(dict.fromkeys(one_pass_flags, True), WRITE_INDICES=False)])
     # The general methods' kernels (partition.assign, PiToMe's energy): keys or a metric,
     # with or without windows (DSM), the paper's f or the shifted one.
-    for kernel, flags in (("assign_kernel", ("IS_KEYS", "HAS_WINDOW")), ("energy_kernel", ("IS_KEYS", "SHIFTED"))):
-        sweep_slow(kernel, _flag_sets(flags, full=True), dict.fromkeys(flags, False), dict.fromkeys(flags, True), 4)
+    sweep("assign_kernel", _flag_sets(("IS_KEYS", "HAS_WINDOW"), full=True))
+    sweep("energy_kernel", _flag_sets(("IS_KEYS", "SHIFTED"), full=True))
 
-    # The same variant reached twice (two shapes with the same blocks and, where the kernel
-    # has row strides, the same row alignment) compiles once.
+    # Layouts that look the same to a kernel (one without unit strides or row widths, say)
+    # compile once.
     unique, seen = [], set()
     for kernel, spec in specs:
-        aligned = bool(KERNELS[kernel]["wide"]) and _rows_aligned(spec)
-        key = (kernel, aligned, tuple(sorted((k, v) for k, v in spec.items() if k != "shape")))
+        sig, constexprs, attrs = signature(kernel, spec)
+        key = (kernel, repr(sig), repr(constexprs), repr(sorted(attrs.items())), spec["num_warps"])
         if key not in seen:
             seen.add(key)
             unique.append((kernel, spec))
@@ -241,21 +208,9 @@ def _kernel(name: str):
     return getattr(module, name)
 
 
-def _rows_aligned(spec: Dict[str, object]) -> bool:
-    """Whether the row strides and widths of this variant are known multiples of 16."""
-    shape = SHAPES[spec["shape"]]
-    return spec["layout"] == "contiguous" and shape["C"] % 16 == 0 and shape["D"] % 16 == 0
-
-
-def _ones(kernel: str, spec: Dict[str, object]) -> Tuple[str, ...]:
-    """Integer arguments that are the constant 1 in this variant (Triton specialises a 1)."""
-    if spec["layout"] != "contiguous":
-        return ()
-    ones = KERNELS[kernel]["unit"]
-    if spec.get("IS_KEYS") is False:
-        # A (B, N, D) metric is launched with H = 1.
-        ones += ("H",)
-    return ones
+def _not_specialized(fn) -> Tuple[str, ...]:
+    """The kernel's ``do_not_specialize`` arguments, by name."""
+    return tuple(fn.arg_names[a] if isinstance(a, int) else a for a in fn.do_not_specialize)
 
 
 def signature(kernel: str, spec: Dict[str, object]):
@@ -263,12 +218,16 @@ def signature(kernel: str, spec: Dict[str, object]):
     kernel's own argument list so that it follows the kernel's changes."""
     fn = _kernel(kernel)
     table = KERNELS[kernel]
-    ones = _ones(kernel, spec)
-    rows_aligned = _rows_aligned(spec)
+    layout = spec["layout"]
+    ones = table["unit"] if layout != "strided" else ()
     floats = table.get("floats", ())
-    for name in ones + table["wide"] + tuple(table["pointers"]) + floats:
+    for name in table["unit"] + table["wide"] + tuple(table["pointers"]) + floats:
         if name not in fn.arg_names:
             raise KeyError(f"{kernel}: the table names {name!r}, which is no argument of the kernel")
+    # Triton never specialises these, whatever their values: the table must not claim it does.
+    claimed = set(_not_specialized(fn)) & set(table["unit"] + table["wide"])
+    if claimed:
+        raise KeyError(f"{kernel}: the table specialises {sorted(claimed)}, which the kernel does not specialise")
     sig, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
@@ -282,16 +241,16 @@ def signature(kernel: str, spec: Dict[str, object]):
                 raise KeyError(f"{kernel}: no element type for pointer argument {name!r}")
             elem = table["pointers"][name]
             sig[name] = "*" + (spec["dtype"] if elem == DATA else elem)
-            if spec["layout"] == "contiguous":
+            if layout != "strided":
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in floats:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if rows_aligned and name in table["wide"]:
+            if layout == "aligned" and name in table["wide"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
-    unknown = set(spec) - constexpr_names - {"dtype", "shape", "layout", "num_warps"}
+    unknown = set(spec) - constexpr_names - {"dtype", "layout", "num_warps"}
     if unknown:
         raise KeyError(f"{kernel}: the spec sets {sorted(unknown)}, which are no constexpr arguments of the kernel")
     return sig, constexprs, attrs
@@ -308,6 +267,89 @@ def compile_spec(kernel: str, spec: Dict[str, object], arch: int = 90):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
 
 
+# The most spill traffic (bytes of spill stores plus spill loads per thread, from ptxas) a
+# variant may have. A spill is a round trip through local memory, at best the L1. When a
+# thread held a whole (64 x D) operand of the float32 tl.dot, the matching kernels spilled
+# 4-14 KB of stack and moved 10-60 KB per thread that way, inside the loop that does the
+# work (docs/triton.md). What is left now is ptxas parking a few values that live across
+# the main loop (a tile's flags, its window ids) to keep to a register count it prefers:
+# up to 84 bytes, stored before the loop and loaded after it (read in the SASS of the
+# assign kernel with windows). 128 bytes leaves room for that and for another ptxas
+# release's choices, and is far below any tile that no longer fits.
+SPILL_LIMIT_BYTES = 128
+
+# Approximate float32 square root, division and reciprocals in PTX. The kernels round these
+# to nearest (tl.sqrt_rn, tl.div_rn) like the reference and the CUDA kernels do: see
+# docs/semantics.md, "Arithmetic". (tl.exp's ex2.approx is allowed: no backend rounds exp
+# correctly.)
+APPROXIMATE_OPS = ("sqrt.approx", "rsqrt.approx", "div.full", "div.approx", "rcp.approx")
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+)")
+# A SASS instruction line of cuobjdump: "/*0a30*/  FFMA R4, R5, R6, R4 ;".
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+\S", re.M)
+
+
+def approximate_ops(ptx: str) -> List[str]:
+    """The approximate square-root and division instructions that occur in a kernel's PTX."""
+    return [op for op in APPROXIMATE_OPS if re.search(r"\b" + re.escape(op) + r"\.", ptx)]
+
+
+def _cuobjdump() -> str:
+    """Triton's own cuobjdump (it ships one beside its ptxas), else the one on PATH."""
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.cuobjdump.path
+    except (ImportError, AttributeError, RuntimeError):
+        return shutil.which("cuobjdump") or "cuobjdump"
+
+
+def resources(cubin: bytes, ptxas_log: str) -> Dict[str, int]:
+    """Per thread: registers, stack frame and bytes of spill stores and loads, and the
+    kernel's static SASS instruction count.
+
+    Registers and spills are read from the log of the ptxas run that made Triton's cubin
+    (``TRITON_DUMP_PTXAS_LOG``), and checked against ``cuobjdump -res-usage`` of that cubin:
+    REG and STACK there are what the driver reports to Triton at load time (``n_regs``, and
+    ``n_spills`` = local bytes / 4). Raises ValueError if either is missing or they differ.
+    """
+    regs, stack = _PTXAS_REGS.search(ptxas_log), _PTXAS_STACK.search(ptxas_log)
+    if not (regs and stack):
+        raise ValueError(f"no register report in the ptxas log: {ptxas_log[-300:]!r}")
+    report = dict(regs=int(regs.group(1)), stack=int(stack.group(1)), spill_stores=int(stack.group(2)),
+                  spill_loads=int(stack.group(3)))
+    with tempfile.TemporaryDirectory(prefix="tome_cubin_") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    found = _RES_USAGE.search(usage)
+    if not found or (int(found.group(1)), int(found.group(2))) != (report["regs"], report["stack"]):
+        raise ValueError(f"cuobjdump -res-usage of the cubin disagrees with ptxas: {usage.strip()!r} vs {report}")
+    report["sass"] = len(_SASS_LINE.findall(sass))
+    return report
+
+
+def _check(kernel: str, spec: Dict[str, object], arch: int):
+    """Compile one variant; returns (resources, reasons it fails the check)."""
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints the log of its own ptxas run
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = compile_spec(kernel, spec, arch)
+    report = resources(compiled.asm["cubin"], log.getvalue())
+    problems = []
+    spilled = report["spill_stores"] + report["spill_loads"]
+    if spilled > SPILL_LIMIT_BYTES:
+        problems.append(f"{spilled} bytes of spill traffic per thread, over SPILL_LIMIT_BYTES = {SPILL_LIMIT_BYTES}")
+    approximate = approximate_ops(compiled.asm["ptx"])
+    if approximate:
+        problems.append(f"approximate arithmetic in the PTX: {', '.join(approximate)} (use tl.sqrt_rn / tl.div_rn)")
+    return report, problems
+
+
 def _root_cause(error: BaseException) -> str:
     """One line for the summary. Triton wraps the real error once per inlined @jit function;
     the innermost message is "at line:col:", a source excerpt, then the error itself."""
@@ -319,16 +361,33 @@ def _root_cause(error: BaseException) -> str:
 
 
 def _try_compile(job):
-    """(kernel, spec, None or (short error, traceback), seconds): a failure is reported, not
-    raised, so that one broken variant does not hide the others."""
+    """(kernel, spec, None or (short error, details), seconds, resources or None): a failure
+    is reported, not raised, so that one broken variant does not hide the others."""
     kernel, spec, arch = job
     start = time.perf_counter()
+    report = None
     try:
-        compile_spec(kernel, spec, arch)
-        error = None
+        report, problems = _check(kernel, spec, arch)
+        error = ("; ".join(problems), "") if problems else None
     except Exception as e:
         error = (_root_cause(e), traceback.format_exc())
-    return kernel, spec, error, time.perf_counter() - start
+    return kernel, spec, error, time.perf_counter() - start, report
+
+
+def describe_resources(report: Dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in report.items())
+
+
+def resource_table(results) -> List[str]:
+    """One line per kernel: its variants and the largest of each figure over them."""
+    lines = [f"{'per thread, max over variants':32} {'variants':>8} {'regs':>5} {'stack':>6} {'spill_st':>8} "
+             f"{'spill_ld':>8} {'sass':>6}"]
+    for kernel in sorted({kernel for kernel, _ in results}):
+        reports = [report for name, report in results if name == kernel]
+        top = {key: max(r[key] for r in reports) for key in reports[0]}
+        lines.append(f"{kernel:32} {len(reports):8d} {top['regs']:5d} {top['stack']:6d} {top['spill_stores']:8d} "
+                     f"{top['spill_loads']:8d} {top['sass']:6d}")
+    return lines
 
 
 def describe(spec: Dict[str, object]) -> str:
@@ -352,7 +411,7 @@ def main(argv=None) -> int:
     specs = all_specs()
     # The slowest compiles first, so that the workers finish together.
     slow = ("one_pass_kernel", "match_kernel", "assign_kernel", "energy_kernel")
-    slow_first = sorted(specs, key=lambda ks: (ks[0] not in slow, ks[1]["shape"].startswith("tiny")))
+    slow_first = sorted(specs, key=lambda ks: ks[0] not in slow)
     jobs = [(kernel, spec, args.arch) for kernel, spec in slow_first]
     start = time.perf_counter()
     if args.jobs <= 1:
@@ -363,15 +422,18 @@ def main(argv=None) -> int:
         # inheriting a forked copy of a process that may hold threads and compiler state.
         pool = multiprocessing.get_context("spawn").Pool(args.jobs)
         results = pool.imap_unordered(_try_compile, jobs)
-    failures, shown = [], set()
-    for kernel, spec, error, seconds in results:
+    failures, shown, measured = [], set(), []
+    for kernel, spec, error, seconds, report in results:
+        figures = f" {describe_resources(report)}" if report else ""
+        if report:
+            measured.append((kernel, report))
         if error is None:
-            print(f"ok {kernel} {describe(spec)} ({seconds:.1f}s)", flush=True)
+            print(f"ok {kernel} {describe(spec)}{figures} ({seconds:.1f}s)", flush=True)
             continue
         failures.append((kernel, spec, error[0]))
-        print(f"FAILED {kernel} {describe(spec)}: {error[0]}", flush=True)
+        print(f"FAILED {kernel} {describe(spec)}{figures}: {error[0]}", flush=True)
         # The full traceback once per distinct error, not once per variant it breaks.
-        if (kernel, error[0]) not in shown:
+        if error[1] and (kernel, error[0]) not in shown:
             shown.add((kernel, error[0]))
             print(error[1], flush=True)
     if pool is not None:
@@ -380,6 +442,8 @@ def main(argv=None) -> int:
     cache.cleanup()
 
     kernels = sorted({kernel for kernel, _ in specs})
+    if measured:
+        print("\n".join(resource_table(measured)))
     print(
         f"compiled {len(specs) - len(failures)} of {len(specs)} variants of {len(kernels)} kernels "
         f"for sm_{args.arch} in {time.perf_counter() - start:.1f}s"

@@ -16,14 +16,16 @@ from .match import match_tile, rank_tile
 from .merge import WAVG, merge_rows
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["ss_b", "scratch_stride", "r", "N", "Na", "Nb", "H"])
 def one_pass_kernel(
     metric_ptr, sm_b, sm_h, sm_n, sm_d,
     x_ptr, sx_b, sx_n, sx_c, size_ptr, ss_b, ss_n, out_ptr, size_out_ptr,
     best_ptr, scratch_ptr, scratch_stride,
     src_idx_ptr, dst_idx_ptr, unm_idx_ptr, token_map_ptr, members_ptr, row_start_ptr,
     r, N, Na, Nb, H, D, C,
-    IS_KEYS: tl.constexpr, CLASS: tl.constexpr, DISTILL: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    IS_KEYS: tl.constexpr, CLASS: tl.constexpr, DISTILL: tl.constexpr,
     HAS_SIZE: tl.constexpr, WRITE_INDICES: tl.constexpr, DO_MERGE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -33,7 +35,7 @@ def one_pass_kernel(
     for i_tile in range(0, tl.cdiv(Na, BLOCK_A)):
         match_tile(
             metric_ptr, sm_b, sm_h, sm_n, sm_d, best_ptr, scratch_ptr, scratch_stride, b, i_tile,
-            Na, Nb, H, D, IS_KEYS, DISTILL, ONE_CHUNK, BLOCK_A, BLOCK_B, BLOCK_D,
+            Na, Nb, H, D, IS_KEYS, DISTILL, BLOCK_A, BLOCK_B, BLOCK_D,
         )
     tl.debug_barrier()
     for i_tile in range(0, tl.cdiv(Na, BLOCK_I)):

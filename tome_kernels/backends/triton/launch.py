@@ -28,9 +28,23 @@ def use_one_pass(num_tokens: int) -> bool:
     return num_tokens <= ONE_PASS_MAX_TOKENS
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    """A power of two covering n, within [lo, hi] (tl.dot needs 16 at least)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+# Block sizes are constants, not derived from each call's shape: each distinct value is one
+# more Triton compilation (seconds of CPU per kernel variant on a GPU run), and rows of 64
+# tokens, chunks of 16 features and tiles of 8 x 256 channels suit every size from the
+# tests' few tokens to ViT and Stable Diffusion rows; a tile larger than a small input only
+# masks its tail.
+TOKEN_BLOCK = 64
+RANK_BLOCK = 128
+FEATURE_BLOCK = 16
+MERGE_ROWS, MERGE_CHANNELS = 8, 256
+MERGE_BLOCKS = dict(BLOCK_R=MERGE_ROWS, BLOCK_C=MERGE_CHANNELS)
+# Warps per program. The kernels that multiply 64 x 64 tiles of scores (matching, the
+# similarity kernels, the one-pass kernel) take 8: a thread then holds a 4 x 4 block of scores
+# and the operands of one 16-feature chunk in registers, where with 4 warps, or whole rows of
+# features, ptxas spilled (docs/triton.md, "Registers and spills"). Gathers and bookkeeping
+# take 4.
+SCORE_WARPS = 8
+WARPS = 4
 
 
 def _metric_layout(metric: Tensor):
@@ -42,17 +56,10 @@ def _metric_layout(metric: Tensor):
     return (s_b, 0, s_n, s_d), 1, metric.shape[2]
 
 
-def _merge_blocks(channels: int) -> Tuple[int, int]:
-    """(BLOCK_R, BLOCK_C): 256 contiguous channels per row, about 2048 elements per tile."""
-    block_c = _block(channels, 16, 256)
-    return max(1, min(16, 2048 // block_c)), block_c
-
-
-def _row_tiles(batch: int, rows: int, channels: int):
+def _row_tiles(batch: int, rows: int):
     """Grid, tiles per batch row and launch options of the kernels over (rows, channels)."""
-    block_r, block_c = _merge_blocks(channels)
-    tiles = triton.cdiv(rows, block_r)
-    return (batch * tiles,), tiles, dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    tiles = triton.cdiv(rows, MERGE_ROWS)
+    return (batch * tiles,), tiles, dict(MERGE_BLOCKS, num_warps=WARPS)
 
 
 def _size_args(size: Optional[Tensor], fallback: Tensor):
@@ -91,46 +98,38 @@ def _matching(
     best = torch.empty(B, Na, dtype=torch.float32, device=dev)
     scratch = torch.empty(B, 3 * Na + Nb, dtype=torch.int32, device=dev)
     strides, H, D = _metric_layout(metric)
-    block_d = _block(D, 16, 128)
-    one_chunk = D <= block_d
     idx_args = (src_idx, dst_idx, unm_idx, token_map, members, row_start)
 
     if one_pass:
-        block_ab = _block(max(Na, Nb), 16, 128)
         if x is None:
-            x_args, C, block_r, block_c = (metric, 0, 0, 0, metric, 0, 0, best, best), 0, 16, 16
+            x_args, C = (metric, 0, 0, 0, metric, 0, 0, best, best), 0
         else:
             C = x.shape[2]
-            block_r, block_c = _merge_blocks(C)
             x_args = (x, *x.stride()) + _size_args(size, x) + merged
         one_pass_kernel[(B,)](
             metric, *strides, *x_args, best, scratch, scratch.stride(0), *idx_args,
             r, N, Na, Nb, H, D, C,
-            IS_KEYS=metric.dim() == 4, CLASS=class_token, DISTILL=distill_token, ONE_CHUNK=one_chunk,
+            IS_KEYS=metric.dim() == 4, CLASS=class_token, DISTILL=distill_token,
             HAS_SIZE=size is not None, WRITE_INDICES=write_indices, DO_MERGE=x is not None,
-            BLOCK_A=block_ab, BLOCK_B=block_ab, BLOCK_D=block_d,
-            BLOCK_I=_block(Na, 16, 64), BLOCK_K=_block(Na, 16, 128), BLOCK_L=_block(max(Na, Nb), 16, 64),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+            BLOCK_A=TOKEN_BLOCK, BLOCK_B=TOKEN_BLOCK, BLOCK_D=FEATURE_BLOCK, BLOCK_I=TOKEN_BLOCK, BLOCK_K=RANK_BLOCK,
+            BLOCK_L=TOKEN_BLOCK, **MERGE_BLOCKS, num_warps=SCORE_WARPS,
         )
         return idx_args[:4], (members, row_start), merged
 
-    block_a, block_b = _block(Na, 16, 64), _block(Nb, 16, 64)
-    tiles = triton.cdiv(Na, block_a)
+    tiles = triton.cdiv(Na, TOKEN_BLOCK)
     match_kernel[(B * tiles,)](
         metric, *strides, best, scratch, scratch.stride(0), Na, Nb, H, D, tiles,
-        IS_KEYS=metric.dim() == 4, DISTILL=distill_token, ONE_CHUNK=one_chunk,
-        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4,
+        IS_KEYS=metric.dim() == 4, DISTILL=distill_token,
+        BLOCK_A=TOKEN_BLOCK, BLOCK_B=TOKEN_BLOCK, BLOCK_D=FEATURE_BLOCK, num_warps=SCORE_WARPS,
     )
-    block_i = _block(Na, 16, 64)
-    tiles = triton.cdiv(Na, block_i)
     rank_kernel[(B * tiles,)](
-        best, scratch, scratch.stride(0), Na, tiles, CLASS=class_token, BLOCK_I=block_i,
-        BLOCK_K=_block(Na, 16, 128), num_warps=4,
+        best, scratch, scratch.stride(0), Na, tiles, CLASS=class_token, BLOCK_I=TOKEN_BLOCK,
+        BLOCK_K=RANK_BLOCK, num_warps=WARPS,
     )
     layout_kernel[(B,)](
         scratch, scratch.stride(0), *idx_args, r, N, Na, Nb,
         CLASS=class_token, DISTILL=distill_token, WRITE_INDICES=write_indices,
-        BLOCK=_block(max(Na, Nb), 16, 64), num_warps=4,
+        BLOCK=TOKEN_BLOCK, num_warps=WARPS,
     )
     if x is not None:
         merge(x, size, members, row_start, "wavg", out=merged)
@@ -163,7 +162,7 @@ def merge(
         out = (torch.empty(B, n_out, C, dtype=x.dtype, device=x.device), size_out)
     if B == 0:
         return out
-    grid, tiles, options = _row_tiles(B, n_out, C)
+    grid, tiles, options = _row_tiles(B, n_out)
     merge_kernel[grid](
         x, *x.stride(), *_size_args(size, x), *out, members, row_start, N, n_out, C, tiles,
         MODE=MODE_IDS[mode], HAS_SIZE=size is not None, **options,
@@ -184,7 +183,7 @@ def merge_wavg_backward(
                             device=x.device)
     if B == 0:
         return grad_x, grad_size
-    grid, tiles, options = _row_tiles(B, n_out, C)
+    grid, tiles, options = _row_tiles(B, n_out)
     merge_wavg_bwd_kernel[grid](
         grad_out, *grad_out.stride(), grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
         x, *x.stride(), *_size_args(size, x), grad_x, grad_size if size_grad else grad_x,
@@ -201,7 +200,7 @@ def merge_backward(grad_out: Tensor, x: Tensor, y: Tensor, members: Tensor, row_
     grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
     if B == 0:
         return grad_x
-    grid, tiles, options = _row_tiles(B, n_out, C)
+    grid, tiles, options = _row_tiles(B, n_out)
     merge_bwd_kernel[grid](
         grad_out, *grad_out.stride(), x, *x.stride(), y.contiguous(), grad_x, members, row_start, N, n_out, C, tiles,
         MODE=MODE_IDS[mode], **options,
@@ -216,7 +215,7 @@ def unmerge(y: Tensor, token_map: Tensor) -> Tensor:
     out = torch.empty(B, N, C, dtype=y.dtype, device=y.device)
     if B == 0:
         return out
-    grid, tiles, options = _row_tiles(B, N, C)
+    grid, tiles, options = _row_tiles(B, N)
     unmerge_kernel[grid](y, *y.stride(), token_map.contiguous(), out, N, n_out, C, tiles, **options)
     return out
 
@@ -225,11 +224,10 @@ def _similarity_launch(metric: Tensor):
     """Grid, tiles per batch row, metric arguments and options of the similarity kernels."""
     B, N = metric.shape[0], metric.shape[-2]
     strides, H, D = _metric_layout(metric)
-    block_i, block_d = _block(N, 16, 64), _block(D, 16, 128)
-    tiles = triton.cdiv(N, block_i)
+    tiles = triton.cdiv(N, TOKEN_BLOCK)
     options = dict(
-        IS_KEYS=metric.dim() == 4, ONE_CHUNK=D <= block_d,
-        BLOCK_I=block_i, BLOCK_J=_block(N, 16, 64), BLOCK_D=block_d, num_warps=4,
+        IS_KEYS=metric.dim() == 4, BLOCK_I=TOKEN_BLOCK, BLOCK_J=TOKEN_BLOCK, BLOCK_D=FEATURE_BLOCK,
+        num_warps=SCORE_WARPS,
     )
     return (B * tiles,), tiles, (metric, *strides), (N, H, D, tiles), options
 

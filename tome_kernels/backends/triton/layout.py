@@ -127,7 +127,9 @@ def layout_row(
     tl.store(row_start_ptr + b64 * (n_out + 1) + n_out, N)
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["scratch_stride", "r", "N", "Na", "Nb"])
 def layout_kernel(
     scratch_ptr, scratch_stride,
     src_idx_ptr, dst_idx_ptr, unm_idx_ptr, token_map_ptr, members_ptr, row_start_ptr,

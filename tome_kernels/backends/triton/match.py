@@ -14,6 +14,8 @@ one-pass kernel (``fused.py``) loops over itself. Scratch layout, per batch row 
 import triton
 import triton.language as tl
 
+from .arith import div_rn
+
 # Same eps as reference.NORM_EPS: a zero metric row stays zero instead of becoming NaN.
 NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
 
@@ -31,7 +33,7 @@ def _load_metric(
     if IS_KEYS:
         for h in range(1, H):
             rows += tl.load(p + h * s_h, mask=m, other=0.0).to(tl.float32)
-        rows = rows / H
+        rows = div_rn(rows, H)
     return rows
 
 
@@ -39,29 +41,28 @@ def _load_metric(
 def _metric_norms(
     metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, H, D, IS_KEYS: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """L2 norm of each metric row, clamped below at NORM_EPS (for D wider than one block)."""
+    """L2 norm of each metric row, clamped below at NORM_EPS."""
     sq = tl.zeros(o_tok.shape, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         rows = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, H, D, IS_KEYS, BLOCK_D)
         sq += tl.sum(rows * rows, axis=1)
-    return tl.maximum(tl.sqrt(sq), NORM_EPS)
+    return tl.maximum(tl.sqrt_rn(sq), NORM_EPS)
 
 
 @triton.jit
-def _normalized_metric(
-    metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, H, D, IS_KEYS: tl.constexpr, BLOCK_D: tl.constexpr
+def _unit_chunk(
+    metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, norm, H, D, IS_KEYS: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """Unit-norm metric rows when D fits in one block (the common case: D, Dh <= 128)."""
-    rows = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, 0, H, D, IS_KEYS, BLOCK_D)
-    norm = tl.maximum(tl.sqrt(tl.sum(rows * rows, axis=1)), NORM_EPS)
-    return rows / norm[:, None]
+    """Columns [d0, d0 + BLOCK_D) of the unit-norm metric rows of tokens ``o_tok``."""
+    rows = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, H, D, IS_KEYS, BLOCK_D)
+    return div_rn(rows, norm[:, None])
 
 
 @triton.jit
 def match_tile(
     metric_ptr, s_b, s_h, s_n, s_d, best_ptr, scratch_ptr, scratch_stride,
     b, i_tile, Na, Nb, H, D,
-    IS_KEYS: tl.constexpr, DISTILL: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    IS_KEYS: tl.constexpr, DISTILL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """best[i] = max_j score(a_i, b_j) and dst[i] = its lowest argmax, for one tile of A tokens.
@@ -74,10 +75,7 @@ def match_tile(
     b64 = b.to(tl.int64)
     o_i = i_tile * BLOCK_A + tl.arange(0, BLOCK_A)
     m_i = o_i < Na
-    if ONE_CHUNK:
-        a = _normalized_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, H, D, IS_KEYS, BLOCK_D)
-    else:
-        norm_a = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, H, D, IS_KEYS, BLOCK_D)
+    norm_a = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, H, D, IS_KEYS, BLOCK_D)
 
     best = tl.full((BLOCK_A,), float("-inf"), tl.float32)
     dst = tl.zeros((BLOCK_A,), tl.int32)
@@ -86,16 +84,17 @@ def match_tile(
     for j0 in range(0, Nb, BLOCK_B):
         o_j = j0 + tl.arange(0, BLOCK_B)
         m_j = o_j < Nb
-        if ONE_CHUNK:
-            bt = _normalized_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, H, D, IS_KEYS, BLOCK_D)
-            score = tl.dot(a, tl.trans(bt), input_precision="ieee")
-        else:
-            norm_b = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, H, D, IS_KEYS, BLOCK_D)
-            score = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                a_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, d0, H, D, IS_KEYS, BLOCK_D)
-                b_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, d0, H, D, IS_KEYS, BLOCK_D)
-                score = tl.dot(a_c / norm_a[:, None], tl.trans(b_c / norm_b[:, None]), score, input_precision="ieee")
+        norm_b = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, H, D, IS_KEYS, BLOCK_D)
+        # The features stream through in chunks of BLOCK_D: a tl.dot on float32 is a loop of
+        # FMAs whose operands each thread holds whole, so a (tile x D) operand at D = 64
+        # does not fit in registers and spills; a 16-wide chunk does. The chunks accumulate
+        # in feature order, so the sum is the same as one dot over all of D.
+        score = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            a_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, d0, norm_a, H, D, IS_KEYS, BLOCK_D)
+            b_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, d0, norm_b, H, D, IS_KEYS,
+                              BLOCK_D)
+            score = tl.dot(a_c, tl.trans(b_c), score, input_precision="ieee")
         candidate = m_j
         if DISTILL:
             candidate = candidate & (o_j != 0)
@@ -140,10 +139,12 @@ def rank_tile(
     tl.store(scratch_ptr + b64 * scratch_stride + o_i, rank, mask=m_i)
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["scratch_stride", "Na", "Nb", "H", "tiles"])
 def match_kernel(
     metric_ptr, s_b, s_h, s_n, s_d, best_ptr, scratch_ptr, scratch_stride, Na, Nb, H, D, tiles,
-    IS_KEYS: tl.constexpr, DISTILL: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    IS_KEYS: tl.constexpr, DISTILL: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One flat grid of (batch row, tile): the tiles of a row run side by side and share its
@@ -151,11 +152,13 @@ def match_kernel(
     pid = tl.program_id(0)
     match_tile(
         metric_ptr, s_b, s_h, s_n, s_d, best_ptr, scratch_ptr, scratch_stride, pid // tiles, pid % tiles,
-        Na, Nb, H, D, IS_KEYS, DISTILL, ONE_CHUNK, BLOCK_A, BLOCK_B, BLOCK_D,
+        Na, Nb, H, D, IS_KEYS, DISTILL, BLOCK_A, BLOCK_B, BLOCK_D,
     )
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["scratch_stride", "Na", "tiles"])
 def rank_kernel(
     best_ptr, scratch_ptr, scratch_stride, Na, tiles,
     CLASS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,

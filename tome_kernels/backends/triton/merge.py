@@ -13,6 +13,8 @@ exactly, as in the reference; any other row is a group reduction.
 import triton
 import triton.language as tl
 
+from .arith import div_rn
+
 # Modes of merge_rows / merge_bwd_rows (tome_kernels.reference.MERGE_MODES plus the weighted one).
 WAVG: tl.constexpr = tl.constexpr(0)
 SUM: tl.constexpr = tl.constexpr(1)
@@ -98,16 +100,18 @@ def merge_rows(
             else:
                 acc += xk
         if MODE == WAVG:
-            acc = acc / total[:, None]
+            acc = div_rn(acc, total[:, None])
         elif MODE == MEAN:
-            acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]
+            acc = div_rn(acc, tl.maximum(count, 1)[:, None])
         # Kept tokens are copies: x0 converts back to x's dtype exactly.
         y = tl.where(copy[:, None], x0, acc)
         tl.store(out_b + o_r[:, None] * C + o_c[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=m_r[:, None] & m_c[None, :])
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["ss_b", "N", "n_out", "tiles"])
 def merge_kernel(
     x_ptr, sx_b, sx_n, sx_c, size_ptr, ss_b, ss_n, out_ptr, size_out_ptr, members_ptr, row_start_ptr,
     N, n_out, C, tiles,
@@ -120,7 +124,9 @@ def merge_kernel(
     )
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["sgs_b", "ss_b", "N", "n_out", "tiles"])
 def merge_wavg_bwd_kernel(
     gy_ptr, sg_b, sg_n, sg_c, gsize_ptr, sgs_b, sgs_n, x_ptr, sx_b, sx_n, sx_c, size_ptr, ss_b, ss_n,
     gx_ptr, gs_ptr, members_ptr, row_start_ptr, N, n_out, C, tiles,
@@ -156,7 +162,7 @@ def merge_wavg_bwd_kernel(
                              other=0.0)
                 num += xk.to(tl.float32) * _sizes(size_ptr, ss_b, ss_n, b64, tok, m_k, HAS_SIZE)[:, None]
             gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-            gy_dot_y += tl.sum(gy * (num / total[:, None]), axis=1)
+            gy_dot_y += tl.sum(gy * div_rn(num, total[:, None]), axis=1)
 
     for k in range(0, max_count):
         tok, m_k = _member(members_ptr, b64, N, start, count, m_r, k)
@@ -166,17 +172,19 @@ def merge_wavg_bwd_kernel(
             o_c = c0 + tl.arange(0, BLOCK_C)
             m_kc = m_k[:, None] & (o_c[None, :] < C)
             gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_kc, other=0.0).to(tl.float32)
-            gx = tl.where(copy[:, None], gy, (gy / total[:, None]) * s[:, None])
+            gx = tl.where(copy[:, None], gy, div_rn(gy, total[:, None]) * s[:, None])
             tl.store(gx_ptr + (b64 * N + tok)[:, None] * C + o_c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=m_kc)
             if SIZE_GRAD:
                 xk = tl.load(x_b + tok[:, None] * sx_n + o_c[None, :] * sx_c, mask=m_kc, other=0.0)
                 gy_dot_x += tl.sum(gy * xk.to(tl.float32), axis=1)
         if SIZE_GRAD:
-            gs = tl.where(copy, gsize, (gy_dot_x - gy_dot_y) / total + gsize)
+            gs = tl.where(copy, gsize, div_rn(gy_dot_x - gy_dot_y, total) + gsize)
             tl.store(gs_ptr + b64 * N + tok, gs.to(gs_ptr.dtype.element_ty), mask=m_k)
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["N", "n_out", "tiles"])
 def merge_bwd_kernel(
     gy_ptr, sg_b, sg_n, sg_c, x_ptr, sx_b, sx_n, sx_c, y_ptr, gx_ptr, members_ptr, row_start_ptr,
     N, n_out, C, tiles,
@@ -199,7 +207,7 @@ def merge_bwd_kernel(
         m_rc = m_r[:, None] & (o_c[None, :] < C)
         gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_rc, other=0.0).to(tl.float32)
         if MODE == MEAN:
-            gy = gy / tl.maximum(count, 1).to(tl.float32)[:, None]
+            gy = div_rn(gy, tl.maximum(count, 1)[:, None])
         if MODE == AMAX or MODE == AMIN:
             y = tl.load(y_ptr + (b64 * n_out + o_r)[:, None] * C + o_c[None, :], mask=m_rc, other=0.0)
             y = y.to(tl.float32)
@@ -214,12 +222,14 @@ def merge_bwd_kernel(
             g = gy
             if MODE == AMAX or MODE == AMIN:
                 xk = tl.load(x_b + tok[:, None] * sx_n + o_c[None, :] * sx_c, mask=m_kc, other=0.0)
-                g = tl.where(xk.to(tl.float32) == y, gy / tl.maximum(ties, 1.0), 0.0)
+                g = tl.where(xk.to(tl.float32) == y, div_rn(gy, tl.maximum(ties, 1.0)), 0.0)
                 g = tl.where(copy[:, None], gy, g)
             tl.store(gx_ptr + (b64 * N + tok)[:, None] * C + o_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=m_kc)
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["N", "n_out", "tiles"])
 def unmerge_kernel(
     y_ptr, sy_b, sy_n, sy_c, token_map_ptr, out_ptr, N, n_out, C, tiles,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,

@@ -15,7 +15,8 @@ memory traffic per tile. Scores are IEEE float32 dot products, as in the biparti
 import triton
 import triton.language as tl
 
-from .match import _load_metric, _metric_norms, _normalized_metric
+from .arith import div_rn
+from .match import _metric_norms, _unit_chunk
 
 # Roles, as in tome_kernels.reference.partition.
 SOURCE: tl.constexpr = tl.constexpr(1)
@@ -25,47 +26,29 @@ NAN_SCORE: tl.constexpr = tl.constexpr(-3.0)
 
 
 @triton.jit
-def _tile_rows(
-    metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, H, D,
-    IS_KEYS: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """(unit rows, norms): the unit rows when D fits one block (norms unused), else the norms
-    (the rows are re-read chunk by chunk in ``_similarity``)."""
-    if ONE_CHUNK:
-        rows = _normalized_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, H, D, IS_KEYS, BLOCK_D)
-        norms = tl.full((BLOCK,), 1.0, tl.float32)
-    else:
-        rows = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-        norms = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, H, D, IS_KEYS, BLOCK_D)
-    return rows, norms
-
-
-@triton.jit
 def _similarity(
-    metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, a, norm_a, o_j, m_j, H, D,
-    IS_KEYS: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, norm_i, o_j, m_j, H, D,
+    IS_KEYS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """(BLOCK_I, BLOCK_J) float32 cosine similarities of tokens o_i (given as ``a`` /
-    ``norm_a`` from ``_tile_rows``) and tokens o_j."""
-    if ONE_CHUNK:
-        bt = _normalized_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, H, D, IS_KEYS, BLOCK_D)
-        score = tl.dot(a, tl.trans(bt), input_precision="ieee")
-    else:
-        norm_b = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, H, D, IS_KEYS, BLOCK_D)
-        score = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            a_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, d0, H, D, IS_KEYS, BLOCK_D)
-            b_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, d0, H, D, IS_KEYS, BLOCK_D)
-            score = tl.dot(a_c / norm_a[:, None], tl.trans(b_c / norm_b[:, None]), score, input_precision="ieee")
+    """(BLOCK_I, BLOCK_J) float32 cosine similarities of tokens o_i (whose norms are
+    ``norm_i``) and tokens o_j, accumulated over chunks of BLOCK_D features in feature order
+    (a whole-row operand of a float32 tl.dot spills, see ``match.match_tile``)."""
+    norm_j = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, H, D, IS_KEYS, BLOCK_D)
+    score = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        a_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, d0, norm_i, H, D, IS_KEYS, BLOCK_D)
+        b_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, d0, norm_j, H, D, IS_KEYS, BLOCK_D)
+        score = tl.dot(a_c, tl.trans(b_c), score, input_precision="ieee")
     return score
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["sr_b", "sw_b", "N", "H", "tiles"])
 def assign_kernel(
     metric_ptr, s_b, s_h, s_n, s_d, roles_ptr, sr_b, sr_n, window_ptr, sw_b, sw_n,
     best_ptr, dst_ptr, N, H, D, tiles,
-    IS_KEYS: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    IS_KEYS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """best[i], dst[i] (B, N) float32 / int64, contiguous: see ``partition.assign``."""
@@ -82,15 +65,14 @@ def assign_kernel(
     # A tile without sources has nothing to compute (most tiles, for PiToMe at small r).
     n_scan = tl.where(tl.max(is_source.to(tl.int32), axis=0) > 0, N, 0)
     if n_scan > 0:
-        a, norm_a = _tile_rows(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, H, D, IS_KEYS, ONE_CHUNK, BLOCK_I,
-                               BLOCK_D)
+        norm_i = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, H, D, IS_KEYS, BLOCK_D)
         for j0 in range(0, n_scan, BLOCK_J):
             o_j = j0 + tl.arange(0, BLOCK_J)
             m_j = o_j < N
             role_j = tl.load(roles_ptr + b64 * sr_b + o_j * sr_n, mask=m_j, other=0)
             score = _similarity(
-                metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, a, norm_a, o_j, m_j, H, D,
-                IS_KEYS, ONE_CHUNK, BLOCK_I, BLOCK_J, BLOCK_D,
+                metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, norm_i, o_j, m_j, H, D,
+                IS_KEYS, BLOCK_I, BLOCK_J, BLOCK_D,
             )
             allowed = (m_j & (role_j == DEST))[None, :]
             if HAS_WINDOW:
@@ -109,10 +91,12 @@ def assign_kernel(
     tl.store(dst_ptr + b64 * N + o_i, tl.where(found, dst, -1).to(tl.int64), mask=m_i)
 
 
-@triton.jit
+# Counts and small tensors' strides: a 1 or a multiple of 16 there widens no load, and would
+# be one more compilation each (docs/triton.md, "Compilations").
+@triton.jit(do_not_specialize=["N", "H", "tiles"])
 def energy_kernel(
     metric_ptr, s_b, s_h, s_n, s_d, energy_ptr, margin, alpha, N, H, D, tiles,
-    IS_KEYS: tl.constexpr, SHIFTED: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    IS_KEYS: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """energy[i] (B, N) float32, contiguous: see ``energy.energy``."""
@@ -120,15 +104,14 @@ def energy_kernel(
     b64 = (pid // tiles).to(tl.int64)
     o_i = (pid % tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
     m_i = o_i < N
-    a, norm_a = _tile_rows(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, H, D, IS_KEYS, ONE_CHUNK, BLOCK_I, BLOCK_D)
+    norm_i = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, H, D, IS_KEYS, BLOCK_D)
     total = tl.zeros((BLOCK_I,), tl.float32)
     count = tl.zeros((BLOCK_I,), tl.float32)
     for j0 in range(0, N, BLOCK_J):
         o_j = j0 + tl.arange(0, BLOCK_J)
         m_j = o_j < N
         score = _similarity(
-            metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, a, norm_a, o_j, m_j, H, D,
-            IS_KEYS, ONE_CHUNK, BLOCK_I, BLOCK_J, BLOCK_D,
+            metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, norm_i, o_j, m_j, H, D, IS_KEYS, BLOCK_I, BLOCK_J, BLOCK_D,
         )
         if SHIFTED:
             above = score - margin
@@ -138,5 +121,5 @@ def energy_kernel(
         valid = (score == score) & m_j[None, :]
         total += tl.sum(tl.where(valid, f, 0.0), axis=1)
         count += tl.sum(valid.to(tl.float32), axis=1)
-    energy = tl.where(count > 0, total / count, float("-inf"))
+    energy = tl.where(count > 0, div_rn(total, count), float("-inf"))
     tl.store(energy_ptr + b64 * N + o_i, energy, mask=m_i)
