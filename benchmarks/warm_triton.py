@@ -12,7 +12,7 @@ the cores and land in Triton's on-disk cache (``TRITON_CACHE_DIR``), where the l
 processes find them.
 
 A case is one merge step (forward, or forward and backward) of a benchmark shape in one
-dtype, or one pass over every operator (``exercise``) at a small shape on one of the
+dtype on one Triton provider, or one pass over every operator (``exercise``) at a small shape on one of the
 Triton backend's two paths. The small-shape tests use shapes of their own: what they need
 beyond these cases compiles during the tests (``scripts/gpu_checks.py`` reports how many).
 
@@ -38,6 +38,9 @@ DTYPES = ("float16", "float32", "bfloat16")
 # (tokens, heads or None for a (B, N, D) metric, head dim / D, channels, dtype): a ViT-like
 # row on keys, an odd-sized feature metric wider than one block, and a tiny bf16 row.
 EXERCISE_SHAPES = [(197, 12, 64, 96, "float16"), (67, None, 300, 33, "float32"), (5, 2, 4, 3, "bfloat16")]
+# What benchmarks.run times on a GPU: float16, on the "triton" provider and on each path forced.
+BENCH_DTYPE = "float16"
+BENCH_TRITON_PROVIDERS = ("triton", "triton_one_pass", "triton_multi_kernel")
 # The Triton backend's two paths: one kernel per batch row for short rows, and the
 # multi-kernel path (forced by a one-pass limit of 0 tokens).
 PATHS = {"one_pass": 10**9, "multi_kernel": 0}
@@ -68,15 +71,19 @@ def exercise(backend: str, n: int, heads: Optional[int], d: int, channels: int, 
 
 
 def cases() -> List[Case]:
-    """Every case, largest first (the pool then finishes evenly)."""
+    """Every case: the benchmark shapes' steps, then the small passes over every operator."""
     from .shapes import GPU_SHAPES
 
     out: List[Case] = []
     for shape in GPU_SHAPES:
         for dtype in DTYPES:
-            for backward in (False, True) if "fwd+bwd" in shape.passes else (False,):
-                label = f"step {shape.name} {dtype} {'fwd+bwd' if backward else 'fwd'}"
-                out.append((label, ("step", shape.name, dtype, backward)))
+            # The benchmarks time float16 on each path of the Triton backend; the full-shape
+            # tests run every dtype on the path the backend chooses.
+            providers = BENCH_TRITON_PROVIDERS if dtype == BENCH_DTYPE else ("triton",)
+            for provider in providers:
+                for backward in (False, True) if "fwd+bwd" in shape.passes else (False,):
+                    label = f"step {shape.name} {dtype} {'fwd+bwd' if backward else 'fwd'} {provider}"
+                    out.append((label, ("step", shape.name, dtype, backward, provider)))
     for path in PATHS:
         for n, heads, d, channels, dtype in EXERCISE_SHAPES:
             out.append((f"exercise {path} n={n} heads={heads} d={d} c={channels} {dtype}",
@@ -91,9 +98,9 @@ def _run_case(args: tuple) -> None:
         from .providers import make_inputs, make_step
         from .shapes import GPU_SHAPES
 
-        _, name, dtype, backward = args
+        _, name, dtype, backward, provider = args
         shape = next(s for s in GPU_SHAPES if s.name == name)
-        make_step("triton", shape, make_inputs(shape, torch.device("cuda"), getattr(torch, dtype)), backward)()
+        make_step(provider, shape, make_inputs(shape, torch.device("cuda"), getattr(torch, dtype)), backward)()
     else:
         _, path, n, heads, d, channels, dtype = args
         launch.ONE_PASS_MAX_TOKENS = PATHS[path]

@@ -111,34 +111,49 @@ def steps(out: Path) -> List[Step]:
     return [
         Step("prepare", 120,
              "CUDA extension build with TORCH_CUDA_ARCH_LIST=9.0 on 16 cores: 14 s measured (2026-11-30), "
-             "the CPU extension 24 s; beside it the Triton warm-up: about 130 compilations over 16 "
-             "processes, ~1 s each on a CPU machine's compile check, plus process start-up",
+             "the CPU extension 24 s; beside it the Triton warm-up (python -m benchmarks.warm_triton --list "
+             "gives its cases) over 16 processes, ~1 s per compilation in the CPU machine's compile check",
              [PY, "-m", "benchmarks.warm_triton", "--jobs", str(JOBS)],
              background=[PY, "-c", "from tome_kernels.backends.native import extension_build as eb; "
                                    "eb.load('cpu'); eb.load('cuda'); print('loaded', eb.loaded_from('cuda'))"]),
-        Step("tests", 150,
-             "382 device tests passed in 79 s with -n 16 (2026-11-30, no warm cache); these files add "
-             "the contract and tool tests, about as many again",
+        Step("tests", 130,
+             "382 device tests passed in 79 s with -n 16 (2026-11-30, Triton compiling as it went); "
+             "these files add about 250 small contract tests on the device, and the kernels are warm",
              [PY, *pytest_args], env={"TOME_TEST_DEVICE": "cuda"}),
-        Step("sanitizer", 60,
-             "memcheck slows kernels 10-100x; sanitize_case runs each operator on 3 small shapes "
-             "(kernels already compiled by prepare)",
+        Step("sanitizer", 45,
+             "memcheck slows kernels 10-100x, but sanitize_case runs each operator on 3 small shapes, "
+             "with the kernels compiled by prepare",
              ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
               PY, "-m", "tests.backends.sanitize_case"],
              env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-        Step("benchmarks", 75,
-             "12 shapes x providers x passes, 100 timed calls each at 0.01-2 ms, plus torch.compile "
-             "of the compiled reference per shape",
-             [PY, "-m", "benchmarks.run", "--out", str(out)]),
-        Step("e2e", 45,
+        Step("benchmarks", 70,
+             "12 shapes, 5 providers, 1-2 passes: about 90 rows of 100 timed calls at 0.01-5 ms, "
+             "plus each row's check against the reference and its peak memory",
+             [PY, "-m", "benchmarks.run", "--providers", *BENCH_PROVIDERS, "--out", str(out)]),
+        Step("benchmarks_compiled", 40,
+             "the reference under torch.compile: one inductor compile per row (5 rows), ~5 s each on 16 cores",
+             [PY, "-m", "benchmarks.run", "--providers", "reference_compiled", "reference",
+              "--shapes", *COMPILED_SHAPES, "--out", str(out)]),
+        Step("e2e", 40,
              "two ViTs (B/16 at B=256, L/16-512 at B=32), 30 timed passes per provider, timm model build",
              [PY, "-m", "benchmarks.e2e_vit", "--out", str(out)]),
+        Step("crash_probe", 15,
+             "4 fresh processes at once (import torch, load the cached cpu extension, one small Triton "
+             "launch): which condition turns a C++ argument error into a crash (docs/gpu_notes.md)",
+             [PY, "-m", "tests.backends.error_crash_probe"]),
     ]
 
 
+# The benchmark providers on the GPU: the fast backends (Triton on its default path and forced
+# onto each) and the eager reference. The compiled reference takes an inductor compile per
+# row, so it gets its own step over the three shapes that stand for the rest (a ViT-B, a
+# ViT-L and a diffusion row).
+BENCH_PROVIDERS = ["triton", "triton_one_pass", "triton_multi_kernel", "cuda", "reference"]
+COMPILED_SHAPES = ["vit_b16_224", "vit_l16_512", "diffusion"]
+
 # The environment facts: version commands, and one Python that imports torch and triton (a
 # few seconds warm; a cold disk on a fresh machine can take several times that).
-ENV_BUDGET_S = 30
+ENV_BUDGET_S = 20
 
 
 def total_budget(plan: List[Step]) -> int:
@@ -325,10 +340,14 @@ def summarize(out: Path, plan: List[Step], facts: Dict[str, object], extra: List
     by_name = {s.name: s for s in plan}
     if "sanitizer" in by_name:
         lines += ["", f"Sanitizer: {sanitizer_verdict(out, by_name['sanitizer'])}"]
+    probe_log = out / "crash_probe.log"
+    if probe_log.is_file():
+        lines += ["", "Crash probe:"] + [f"- {line}" for line in probe_log.read_text(errors="replace").splitlines()
+                                         if line.startswith("case ")]
     body = "\n".join(lines)
     tables = []
-    for name, marker in (("benchmarks", "device:"), ("e2e", "device:")):
-        table = _tail_table(out / f"{name}.log", marker)
+    for name in ("benchmarks", "benchmarks_compiled", "e2e"):
+        table = _tail_table(out / f"{name}.log", "device:")  # each benchmark's table starts so
         if table:
             tables.append(f"\n## {name}\n\n```\n{table}\n```")
     failures = ["", "## Failing tests", ""] if tests and tests["failures"] else []

@@ -219,3 +219,16 @@ def test_exercise_runs_every_operator_on_the_reference(n, heads, d, channels, dt
 
     assert (n, heads, d, channels, dtype) in EXERCISE_SHAPES
     exercise("reference", n, heads, d, channels, getattr(torch, dtype), device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answers on a machine without a GPU")
+def test_crash_probe_runs_each_case_apart(capsys):
+    from tests.backends import error_crash_probe
+    from tome_kernels.backends.native import extension_build
+
+    extension_build.load("cpu")  # built once here (cached); a build failure fails the test
+
+    assert error_crash_probe.main() == 2  # the cases that need a GPU cannot be set up here
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "case 1 the cpu extension's error: raised RuntimeError"
+    assert len(lines) == 4 and all("not run: AssertionError: Torch not compiled with CUDA" in x for x in lines[1:])
