@@ -71,6 +71,10 @@ class BuildPyWithSources(build_py):
 
 eb = _extension_build()
 groups = eb.read_sources(os.path.join(ROOT, "csrc"))
+# torch guesses CUDA_HOME from where `nvcc` is, which is wrong for a wrapper script such as
+# /usr/local/bin/nvcc; the loader asks nvcc for its toolkit (and sets it in cpp_extension,
+# which BuildExtension reads), unless CUDA_HOME or CUDA_PATH is set.
+CUDA_HOME = eb.use_real_cuda_home() or CUDA_HOME
 
 
 def _sources(kind):
