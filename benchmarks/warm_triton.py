@@ -26,8 +26,10 @@ import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -151,16 +153,31 @@ def main(argv=None) -> int:
         print("warm_triton: no GPU visible (torch.cuda.is_available() is False): nothing compiled", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    failed = 0
-    # Each worker holds a CUDA context (some hundred MB of device memory): far under the GPU's.
-    with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(todo))) as pool:
-        for label, seconds, error in pool.imap_unordered(_worker, todo):
-            failed += error is not None
-            print(f"{'FAIL' if error else 'ok'} {seconds:6.1f} s  {label}" + (f"  {error}" if error else ""),
-                  flush=True)
+    failed = run_cases(todo, args.jobs)
     print(f"warmed {len(todo)} cases ({failed} failed) in {time.perf_counter() - start:.1f} s; "
           f"triton cache: {cached_kernels()} kernels")
     return 1 if failed else 0
+
+
+def run_cases(todo: List[Case], jobs: int, worker: Callable = _worker) -> int:
+    """Run the cases in ``jobs`` spawned processes, print a line for each, return how many failed.
+
+    concurrent.futures rather than multiprocessing.Pool: when a worker dies (a segfault in a
+    kernel launch), Pool waits forever for that worker's case, and the warm-up would take its
+    step's whole budget; here the cases not done yet fail at once, and the tests compile them."""
+    failed = 0
+    # Each worker holds a CUDA context (some hundred MB of device memory): far under the GPU's.
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(worker, case): case[0] for case in todo}
+        for future in as_completed(futures):
+            try:
+                label, seconds, error = future.result()
+            except BrokenProcessPool as broken:
+                label, seconds, error = futures[future], 0.0, f"not run: a worker process died ({broken})"
+            failed += error is not None
+            print(f"{'FAIL' if error else 'ok'} {seconds:6.1f} s  {label}" + (f"  {error}" if error else ""),
+                  flush=True)
+    return failed
 
 
 if __name__ == "__main__":

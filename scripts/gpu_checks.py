@@ -11,16 +11,23 @@ a failing step never stops the ones after it. Everything goes into the output fo
 
     env.txt          GPU, driver, Python, torch, triton, nvcc, ninja, CUDA_HOME, sanitizer
     steps.json       each step's command, exit code, status and seconds
-    <step>.log       each step's output (stdout and stderr)
     junit.xml        the tests, one entry per test (pytest --junitxml)
-    sanitizer.log    compute-sanitizer's memcheck over tests/backends/sanitize_case.py
-    *.json           the merge-step benchmark and the end-to-end ViT results
     summary.md       per step: status, counts and time; every failing test with its reason;
                      the sanitizer's verdict; the benchmark tables (at most 8 KB, also printed)
+    logs.tar.gz      each step's output, <step>.log (stdout and stderr, its last MiB; the
+                     sanitizer's is sanitizer.log), and the JSON of the merge-step benchmarks
+                     and the end-to-end ViT: packed at the end, since the GPU machine gives
+                     back at most 8 files (16 MiB each) from its output folder
+
+A step past its budget is stopped with SIGKILL, its whole process group; the tests get
+SIGINT ``grace_s`` before that, so that pytest still writes its JUnit XML and summary. When
+the run itself is stopped (SIGTERM, Ctrl-C), the running step's processes are killed and the
+summary is still written.
 
 Without a GPU (``torch.cuda.is_available()`` false, or no torch) it writes ``env.txt`` and a
-``summary.md`` saying so within seconds and exits with status 2. ``--plan`` prints the steps
-and their budgets. The exit status is 0 when every step passed, 1 otherwise.
+``summary.md`` saying so within ``ENV_BUDGET_S`` seconds and exits with status 2 (as it does
+for a bad argument). ``--plan`` prints the steps and their budgets. The exit status is 0
+when every step passed, 1 otherwise.
 
 Only the standard library is imported here: the steps run in their own processes, under the
 Python that runs this file (on the GPU machine, the image's ``python3``).
@@ -36,16 +43,25 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SUMMARY_LIMIT = 8 * 1024
+ARCHIVE = "logs.tar.gz"
+# What stays beside the archive. The GPU machine gives back at most 8 files from the output
+# folder, and a run writes about 15 (a log per step, three benchmark JSONs).
+PLAIN = ("summary.md", "env.txt", "steps.json", "junit.xml", ARCHIVE)
+# Of each file in the archive, its end: the archive must come back whole (16 MiB a file), and
+# the end of a huge log is the part that says how it ended.
+LOG_KEEP = 1024 * 1024
 JOBS = os.cpu_count() or 1
 
 # The tests that put tensors on the GPU (the ``device`` fixture, or "cuda" directly) when
@@ -91,6 +107,9 @@ class Step:
     command: List[str]
     env: Dict[str, str] = field(default_factory=dict)
     background: Optional[List[str]] = None  # runs beside the command, within the same budget
+    # Seconds before the budget's end at which the step gets SIGINT: pytest then writes its
+    # JUnit XML and summary (a killed pytest leaves neither), and SIGKILL follows at the end.
+    grace_s: int = 0
     # filled in by run_step
     rc: Optional[int] = None
     status: str = "not run"
@@ -119,7 +138,7 @@ def steps(out: Path) -> List[Step]:
         Step("tests", 130,
              "382 device tests passed in 79 s with -n 16 (2026-11-30, Triton compiling as it went); "
              "these files add about 250 small contract tests on the device, and the kernels are warm",
-             [PY, *pytest_args], env={"TOME_TEST_DEVICE": "cuda"}),
+             [PY, *pytest_args], env={"TOME_TEST_DEVICE": "cuda"}, grace_s=10),
         Step("sanitizer", 45,
              "memcheck slows kernels 10-100x, but sanitize_case runs each operator on 3 small shapes, "
              "with the kernels compiled by prepare",
@@ -140,7 +159,8 @@ def steps(out: Path) -> List[Step]:
         Step("crash_probe", 15,
              "4 fresh processes at once (import torch, load the cached cpu extension, one small Triton "
              "launch): which condition turns a C++ argument error into a crash (docs/gpu_notes.md)",
-             [PY, "-m", "tests.backends.error_crash_probe"]),
+             # Its cases share a deadline inside the budget: a hung case must not take the others' lines.
+             [PY, "-m", "tests.backends.error_crash_probe", "--timeout", "12"]),
     ]
 
 
@@ -152,8 +172,13 @@ BENCH_PROVIDERS = ["triton", "triton_one_pass", "triton_multi_kernel", "cuda", "
 COMPILED_SHAPES = ["vit_b16_224", "vit_l16_512", "diffusion"]
 
 # The environment facts: version commands, and one Python that imports torch and triton (a
-# few seconds warm; a cold disk on a fresh machine can take several times that).
+# few seconds warm; a cold disk on a fresh machine can take several times that). They run
+# side by side, each with this limit, so that together they take at most this long.
 ENV_BUDGET_S = 20
+VERSION_COMMANDS = [
+    ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv"],
+    ["nvcc", "--version"], ["ninja", "--version"], ["compute-sanitizer", "--version"],
+]
 
 
 def total_budget(plan: List[Step]) -> int:
@@ -161,25 +186,30 @@ def total_budget(plan: List[Step]) -> int:
 
 
 def print_plan(plan: List[Step]) -> None:
-    print(f"{'step':<11}{'budget':>8}  estimate")
-    print(f"{'env':<11}{ENV_BUDGET_S:>6} s  version commands (nvidia-smi, nvcc, python -c)")
+    w = max(len(s.name) for s in plan) + 2  # "benchmarks_compiled" is wider than the other names
+    print(f"{'step':<{w}}{'budget':>8}  estimate")
+    print(f"{'env':<{w}}{ENV_BUDGET_S:>6} s  version commands (nvidia-smi, nvcc, python -c)")
     for s in plan:
-        print(f"{s.name:<11}{s.budget_s:>6} s  {s.why}")
-        print(f"{'':<21}$ {shlex.join(s.command)}")
+        print(f"{s.name:<{w}}{s.budget_s:>6} s  {s.why}")
+        print(f"{'':<{w + 10}}$ {shlex.join(s.command)}")
     total = total_budget(plan)
-    print(f"{'total':<11}{total:>6} s  ({total / 60:.1f} min; the limit is 8 min)")
+    print(f"{'total':<{w}}{total:>6} s  ({total / 60:.1f} min; the limit is 8 min)")
 
 
 # ----------------------------------------------------------------------------- running
 
-def _command_output(cmd: List[str], timeout: float = 10, env: Optional[Dict[str, str]] = None) -> str:
+def _command_output(cmd: List[str], timeout: float = ENV_BUDGET_S, env: Optional[Dict[str, str]] = None) -> str:
     if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
         return f"{cmd[0]}: not found"
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        # errors="replace": a tool's bytes that are not UTF-8 must not end the run before env.txt
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env,
+                              cwd=ROOT)
         return (proc.stdout + proc.stderr).strip() or f"(no output, exit {proc.returncode})"
     except subprocess.TimeoutExpired:
         return f"{shlex.join(cmd)}: timed out after {timeout} s"
+    except OSError as error:  # there, but not runnable
+        return f"{shlex.join(cmd)}: {error}"
 
 
 _PROBE = """
@@ -213,70 +243,94 @@ def probe(env: Dict[str, str]) -> Dict[str, object]:
     """Python-side facts, from a separate process (importing torch here would tie this
     process to one CUDA context for the whole run)."""
     try:
-        proc = subprocess.run([PY, "-c", _PROBE], capture_output=True, text=True, timeout=ENV_BUDGET_S,
-                              env=env, cwd=ROOT)
+        # errors="replace": bytes that are not UTF-8 in a warning on stderr must not read as "no GPU"
+        proc = subprocess.run([PY, "-c", _PROBE], capture_output=True, text=True, errors="replace",
+                              timeout=ENV_BUDGET_S, env=env, cwd=ROOT)
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except Exception as error:  # no Python facts is itself the fact to report
         return {"gpu": False, "torch": f"probe failed: {type(error).__name__}: {error}"}
 
 
-def write_env(out: Path, facts: Dict[str, object], env: Dict[str, str]) -> None:
+def probe_and_versions(env: Dict[str, str]) -> Tuple[Dict[str, object], List[str]]:
+    """The probe's facts and each version command's output, all run at once: one after the
+    other, their time limits would add up to several times ENV_BUDGET_S."""
+    with ThreadPoolExecutor(len(VERSION_COMMANDS)) as pool:
+        outputs = [pool.submit(_command_output, cmd, ENV_BUDGET_S, env) for cmd in VERSION_COMMANDS]
+        facts = probe(env)
+        return facts, [f"$ {shlex.join(cmd)}\n{o.result()}" for cmd, o in zip(VERSION_COMMANDS, outputs)]
+
+
+def write_env(out: Path, facts: Dict[str, object], versions: List[str]) -> None:
     lines = [f"{k}: {v}" for k, v in facts.items()]
     lines.append(f"CUDA_HOME (environment): {os.environ.get('CUDA_HOME', '(not set)')}")
     lines.append(f"cores: {JOBS}")
-    for cmd in (["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv"],
-                ["nvcc", "--version"], ["ninja", "--version"], ["compute-sanitizer", "--version"]):
-        lines.append(f"$ {shlex.join(cmd)}\n{_command_output(cmd, env=env)}")
-    (out / "env.txt").write_text("\n".join(lines) + "\n")
+    lines += versions
+    (out / "env.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    # Each step runs in its own process group: pytest workers and pool processes go too.
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group is gone already
         pass
-    proc.wait()
+
+
+def _wait_until(proc: subprocess.Popen, deadline: float) -> Optional[int]:
+    """The exit code, or None if the process still runs at ``deadline`` (time.monotonic())."""
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def run_step(step: Step, out: Path, env: Dict[str, str]) -> None:
     log_path = out / f"{step.name}.log"
     step_env = {**env, **step.env}
     start = time.monotonic()
+    deadline = start + step.budget_s
     print(f"[gpu_checks] {step.name}: start (budget {step.budget_s} s)", file=sys.stderr, flush=True)
     if shutil.which(step.command[0]) is None and not os.path.exists(step.command[0]):
         log_path.write_text(f"{step.command[0]}: not found on this machine\n")
         step.status, step.rc = "skipped", None
         print(f"[gpu_checks] {step.name}: skipped ({step.command[0]} not found)", file=sys.stderr, flush=True)
         return
-    with open(log_path, "w") as log:
-        log.write(f"$ {shlex.join(step.command)}\n")
-        log.flush()
-        background = None
+    procs: List[subprocess.Popen] = []
+    step.status = "stopped"  # stays so only if the run itself is stopped during the step (SIGTERM, Ctrl-C)
+    try:
+        with open(log_path, "w") as log:
+            log.write(f"$ {shlex.join(step.command)}\n")
+            log.flush()
+            # Each process in its own process group, so that the step's end takes its children too.
+            procs.append(subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, env=step_env,
+                                          cwd=ROOT, start_new_session=True))
         if step.background:
-            background_log = open(out / f"{step.name}_background.log", "w")
-            background = subprocess.Popen(step.background, stdout=background_log, stderr=subprocess.STDOUT,
-                                          env=step_env, cwd=ROOT, start_new_session=True)
-        proc = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, env=step_env, cwd=ROOT,
-                                start_new_session=True)
-        timed_out = False
-        try:
-            step.rc = proc.wait(timeout=step.budget_s)
-            if background is not None:
-                background_rc = background.wait(timeout=max(1.0, step.budget_s - (time.monotonic() - start)))
-                step.rc = step.rc or background_rc
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            for p in (proc, background):
-                if p is not None and p.poll() is None:
-                    _kill(p)
-            if background is not None:
-                background_log.close()
-    step.seconds = time.monotonic() - start
-    step.status = "timed out" if timed_out else ("passed" if step.rc == 0 else "failed")
-    print(f"[gpu_checks] {step.name}: {step.status} in {step.seconds:.0f} s (exit {step.rc})",
-          file=sys.stderr, flush=True)
+            with open(out / f"{step.name}_background.log", "w") as background_log:
+                procs.append(subprocess.Popen(step.background, stdout=background_log, stderr=subprocess.STDOUT,
+                                              env=step_env, cwd=ROOT, start_new_session=True))
+        rcs = [_wait_until(p, deadline - step.grace_s) for p in procs]
+        if None in rcs:
+            if step.grace_s:
+                for p in procs:
+                    _signal_group(p, signal.SIGINT)
+                for p in procs:
+                    _wait_until(p, deadline)
+            step.rc, step.status = None, "timed out"
+        else:
+            step.rc = next((rc for rc in rcs if rc), 0)  # the command's failure first, else the background's
+            step.status = "passed" if step.rc == 0 else "failed"
+    except Exception as error:  # e.g. a command that is there but cannot be run: recorded, and the run goes on
+        with open(log_path, "a") as log:
+            log.write(f"\n[gpu_checks] the step could not run: {type(error).__name__}: {error}\n")
+        step.rc, step.status = None, "failed"
+    finally:
+        # Kill each process group even when its first process has exited: pytest workers,
+        # pool processes or a daemon the command left behind would run on into later steps.
+        for p in procs:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+        step.seconds = time.monotonic() - start
+        print(f"[gpu_checks] {step.name}: {step.status} in {step.seconds:.0f} s (exit {step.rc})",
+              file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -287,10 +341,12 @@ def junit_counts(path: Path) -> Optional[Dict[str, object]]:
         return None
     try:
         root = ET.parse(path).getroot()
-    except ET.ParseError:
+    except (ET.ParseError, OSError):  # cut short (pytest killed while writing it), or unreadable
         return None
     counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
     for case in root.iter("testcase"):
+        if not case.get("name"):  # pytest's entry for the test that SIGINT interrupted: no name, no verdict
+            continue
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         if bad is not None:
@@ -304,21 +360,28 @@ def junit_counts(path: Path) -> Optional[Dict[str, object]]:
     return counts
 
 
+def _read_end(path: Path) -> str:
+    """A log's last LOG_KEEP bytes as text ("" if it is missing or unreadable): what the summary
+    takes is at a log's end, and a step may have printed gigabytes, or bytes that are not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_KEEP))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def sanitizer_verdict(out: Path, step: Step) -> str:
-    log = out / "sanitizer.log"
     if step.status in ("not run", "skipped"):
         return f"not run ({step.status}: compute-sanitizer not found)" if step.status == "skipped" else "not run"
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    summary = [line for line in text.splitlines() if "ERROR SUMMARY" in line]
-    verdict = summary[-1].strip() if summary else "no ERROR SUMMARY line"
+    summary = [line for line in _read_end(out / "sanitizer.log").splitlines() if "ERROR SUMMARY" in line]
+    verdict = summary[-1].strip()[:300] if summary else "no ERROR SUMMARY line"
     return f"{step.status}: {verdict}"
 
 
 def _tail_table(log: Path, marker: str) -> str:
     """The table a benchmark printed: from the line starting with ``marker`` to the end."""
-    if not log.is_file():
-        return ""
-    lines = log.read_text(errors="replace").splitlines()
+    lines = _read_end(log).splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith(marker)]
     return "\n".join(lines[starts[-1]:]) if starts else ""
 
@@ -340,47 +403,111 @@ def summarize(out: Path, plan: List[Step], facts: Dict[str, object], extra: List
     by_name = {s.name: s for s in plan}
     if "sanitizer" in by_name:
         lines += ["", f"Sanitizer: {sanitizer_verdict(out, by_name['sanitizer'])}"]
-    probe_log = out / "crash_probe.log"
-    if probe_log.is_file():
-        lines += ["", "Crash probe:"] + [f"- {line}" for line in probe_log.read_text(errors="replace").splitlines()
-                                         if line.startswith("case ")]
+    probe_lines = [line for line in _read_end(out / "crash_probe.log").splitlines() if line.startswith("case ")]
+    if probe_lines:
+        # Each cut short: a crash's line carries the end of its stack.
+        lines += ["", "Crash probe:"] + [f"- {line[:300]}" for line in probe_lines[:8]]
     body = "\n".join(lines)
-    tables = []
+    tables = {}
     for name in ("benchmarks", "benchmarks_compiled", "e2e"):
         table = _tail_table(out / f"{name}.log", "device:")  # each benchmark's table starts so
         if table:
-            tables.append(f"\n## {name}\n\n```\n{table}\n```")
+            tables[name] = table
     failures = ["", "## Failing tests", ""] if tests and tests["failures"] else []
     for test_id, reason in (tests or {}).get("failures", []):
         failures.append(f"- `{test_id}`: {reason}")
     # Steps and verdicts first, then failures, then tables, each cut to what still fits 8 KB.
     text = body
-    for part in ("\n".join(failures), "".join(tables)):
-        room = SUMMARY_LIMIT - len(text.encode()) - 120
-        if len(part.encode()) > room:
-            part = part.encode()[: max(room, 0)].decode(errors="ignore") + "\n... (cut to fit 8 KB; see the logs)"
-        text += "\n" + part if part else ""
-    return text + "\n"
+    part = "\n".join(failures)
+    room = SUMMARY_LIMIT - len(text.encode()) - 120
+    if len(part.encode()) > room:
+        part = _cut(part, room)
+    text += "\n" + part if part else ""
+    room = SUMMARY_LIMIT - len(text.encode()) - 120
+    text += "".join(f"\n\n## {name}\n\n```\n{table}\n```" for name, table in _fit_tables(tables, room).items())
+    return _fit(text + "\n")
+
+
+_CUT_NOTE = "... (cut to fit 8 KB; see the logs)"
+
+
+def _cut(text: str, room: int) -> str:
+    """``text``'s whole lines that fit ``room`` bytes with the note after them."""
+    kept = text.encode()[: max(0, room - len(_CUT_NOTE) - 1)].decode(errors="ignore")
+    return (kept.rsplit("\n", 1)[0] + "\n" if "\n" in kept else "") + _CUT_NOTE
+
+
+def _fit_tables(tables: Dict[str, str], room: int) -> Dict[str, str]:
+    """The tables cut to ``room`` bytes together: the shortest first, each to an even share of
+    what is left, so that a long table (benchmarks has about 90 rows of 130 characters, more
+    than 8 KB) leaves room for the others."""
+    fitted = {}
+    for name in sorted(tables, key=lambda n: len(tables[n])):
+        share = room // (len(tables) - len(fitted)) - 30  # 30: the heading and the code fences
+        fitted[name] = tables[name] if len(tables[name].encode()) <= share else _cut(tables[name], share)
+        room -= len(fitted[name].encode()) + 30
+    return {name: fitted[name] for name in tables}
+
+
+def _fit(text: str) -> str:
+    # The head alone can be too long too (a long output folder path, a long line in the extra lines).
+    if len(text.encode()) <= SUMMARY_LIMIT:
+        return text
+    return _cut(text, SUMMARY_LIMIT - 1) + "\n"
+
+
+def fallback_summary(plan: List[Step], error: BaseException) -> str:
+    """What summary.md says when summarize() itself failed: the steps as steps.json has them."""
+    lines = ["# GPU checks", "", f"The summary could not be made: {type(error).__name__}: {error}", ""]
+    lines += [f"- {s.name}: {s.status} (exit {s.rc}, {s.seconds:.0f} s of {s.budget_s} s)" for s in plan]
+    return _fit("\n".join(lines) + "\n")
+
+
+def pack_logs(out: Path, plan: List[Step], before: set) -> None:
+    """Move this run's logs and the benchmark JSONs into ARCHIVE (each file's last LOG_KEEP
+    bytes); files that were in the folder before the run stay where they are."""
+    logs = {f"{s.name}.log" for s in plan} | {f"{s.name}_background.log" for s in plan}
+    files = [f for f in sorted(out.iterdir()) if f.is_file() and f.name not in PLAIN
+             and (f.name in logs or (f.suffix == ".json" and f not in before))]
+    if not files:
+        return
+    with tarfile.open(out / ARCHIVE, "w:gz") as tar:
+        for f in files:
+            info = tar.gettarinfo(str(f), arcname=f.name)
+            with open(f, "rb") as data:
+                if info.size > LOG_KEEP:
+                    data.seek(info.size - LOG_KEEP)
+                    info.size = LOG_KEEP
+                tar.addfile(info, data)
+    for f in files:
+        f.unlink()
+
+
+def cached_kernels(cache: Path) -> int:
+    """Compiled kernels in a Triton cache, counted as benchmarks.warm_triton.cached_kernels does
+    (a test checks that they agree): importing that module would import torch into this process."""
+    if not cache.is_dir():
+        return 0
+    return sum(1 for p in cache.glob("*/*.json") if not p.name.startswith("__grp__"))
 
 
 def run_plan(plan: List[Step], out: Path, env: Dict[str, str]) -> List[str]:
     """Run every step (whatever the ones before did), write steps.json, and return the
     summary's extra lines: how many Triton kernels the warm-up compiled, and the tests after it."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.warm_triton import cached_kernels
-
     cache = Path(env["TRITON_CACHE_DIR"])
-    extra, warmed = [], None
-    for step in plan:
-        run_step(step, out, env)
-        if step.name == "prepare":
-            warmed = cached_kernels(cache)
-        elif step.name == "tests" and warmed is not None:
-            after = cached_kernels(cache)
-            extra += [f"Triton kernels compiled: {warmed} by the warm-up, {after - warmed} more during the tests.", ""]
-    (out / "steps.json").write_text(json.dumps(
-        [{"name": s.name, "command": s.command, "budget_s": s.budget_s, "rc": s.rc, "status": s.status,
-          "seconds": round(s.seconds, 1)} for s in plan], indent=1))
+    extra, start_count, warmed = [], cached_kernels(cache), None  # a TRITON_CACHE_DIR given may hold kernels
+    try:
+        for step in plan:
+            run_step(step, out, env)
+            if step.name == "prepare":
+                warmed = cached_kernels(cache) - start_count
+            elif step.name == "tests" and warmed is not None:
+                during = cached_kernels(cache) - start_count - warmed
+                extra += [f"Triton kernels compiled: {warmed} by the warm-up, {during} more during the tests.", ""]
+    finally:  # also when the run is stopped: the steps so far
+        (out / "steps.json").write_text(json.dumps(
+            [{"name": s.name, "command": s.command, "budget_s": s.budget_s, "rc": s.rc, "status": s.status,
+              "seconds": round(s.seconds, 1)} for s in plan], indent=1))
     return extra
 
 
@@ -395,11 +522,14 @@ def main(argv=None) -> int:
     p.add_argument("--plan", action="store_true", help="print the steps and their budgets, run nothing")
     args = p.parse_args(argv)
     out = Path(args.out or os.environ.get("OUT") or default_out()).resolve()
+    if out.exists() and not out.is_dir():
+        p.error(f"the output folder {out} is a file")
     plan = steps(out)
     if args.plan:
         print_plan(plan)
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    before = set(out.iterdir())
     start = time.monotonic()
 
     env = dict(os.environ)
@@ -413,19 +543,36 @@ def main(argv=None) -> int:
     env.setdefault("TRITON_CACHE_DIR", str(scratch / "triton"))
     env.setdefault("TOME_KERNELS_CACHE", str(scratch / "extensions"))
 
-    facts = probe(env)
-    write_env(out, facts, env)
+    facts, versions = probe_and_versions(env)
+    write_env(out, facts, versions)
     if not facts.get("gpu"):
-        text = (f"# GPU checks: not run\n\nNo GPU here: `torch.cuda.is_available()` is false or torch did not "
-                f"import (torch: {facts.get('torch')}). Nothing was run; `env.txt` has the machine's facts.\n")
-        (out / "summary.md").write_text(text)
+        text = _fit(f"# GPU checks: not run\n\nNo GPU here: `torch.cuda.is_available()` is false or torch did "
+                    f"not import (torch: {facts.get('torch')}). Nothing was run; `env.txt` has the machine's facts.\n")
+        (out / "summary.md").write_text(text, encoding="utf-8")
         print(text, end="")
         return 2
 
-    extra = run_plan(plan, out, env)
+    (out / "junit.xml").unlink(missing_ok=True)  # an earlier run's, in a folder used again, is not this run's
+    # SIGTERM (a time limit around this run) stops the run as Ctrl-C does: the running step's
+    # processes are killed (they are in process groups of their own, which the signal misses),
+    # and the summary is still written.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        extra = run_plan(plan, out, env)
+    except BaseException as error:  # stopped, or a bug here: the steps so far are still summarized
+        extra = [f"**The run broke off**: {type(error).__name__}: {error}".rstrip(": "), ""]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     extra += [f"Whole run: {time.monotonic() - start:.0f} s (budget {total_budget(plan)} s).", ""]
-    text = summarize(out, plan, facts, extra)
-    (out / "summary.md").write_text(text)
+    try:
+        text = summarize(out, plan, facts, extra)
+    except Exception as error:  # summary.md is written whatever happened
+        text = fallback_summary(plan, error)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    try:
+        pack_logs(out, plan, before)
+    except OSError as error:
+        print(f"[gpu_checks] the logs stay unpacked: {error}", file=sys.stderr, flush=True)
     print(text, end="")
     return 0 if all(s.status == "passed" for s in plan) else 1
 

@@ -1,6 +1,6 @@
 """Which condition turns a C++ argument error into a crash (for the GPU run; docs/gpu_notes.md).
 
-    python -m tests.backends.error_crash_probe
+    python -m tests.backends.error_crash_probe [--timeout S]
 
 In the first GPU run (torch 2.11 on an H200), an argument error raised by the CPU
 extension's ``TORCH_CHECK`` killed the process with a segmentation fault, where torch 2.13
@@ -11,10 +11,14 @@ instead of ours, tells whether the extension is involved at all.
 
 Prints one line per case: ``raised <error>``, ``crashed: <signal>`` or ``not run: <why>``
 (its set-up failed, e.g. no GPU). Exits 1 if a case crashed, else 2 if one could not run.
+The cases run at once and share one deadline (``--timeout``, default 120 s): a case still
+running then is reported as hung, and the others keep their lines.
 """
 
+import argparse
 import subprocess
 import sys
+import time
 
 SETUP = """
 import torch
@@ -41,11 +45,12 @@ def _code(setup: str, error: str) -> str:
            f"    print('raised', type(e).__name__)\n"
 
 
-def _verdict(proc: subprocess.Popen, timeout: float) -> str:
+def _verdict(proc: subprocess.Popen, deadline: float, timeout: float) -> str:
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
         return f"crashed: hung past {timeout} s"
     if proc.returncode == 0:
         return (stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -61,9 +66,11 @@ def main(timeout: float = 120) -> int:
                  TORCH_ERROR))
     # The cases are independent processes: started together, they take one case's time.
     procs = [(label, subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", _code(setup, error)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"))
              for label, setup, error in runs]
-    results = [(label, _verdict(proc, timeout)) for label, proc in procs]
+    # One deadline for all: each its own timeout, one after the other, could add up to 4 times it.
+    deadline = time.monotonic() + timeout
+    results = [(label, _verdict(proc, deadline, timeout)) for label, proc in procs]
     for label, result in results:
         print(f"{label}: {result}", flush=True)
     if any(result.startswith("crashed") for _, result in results):
@@ -72,4 +79,7 @@ def main(timeout: float = 120) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="python -m tests.backends.error_crash_probe",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timeout", type=float, default=120, help="seconds for all the cases together")
+    sys.exit(main(parser.parse_args().timeout))
