@@ -1,14 +1,17 @@
 """Count the Triton compilations of a GPU run's warm-up cases, on a machine without a GPU.
 
-    python -m benchmarks.compile_keys
+    python -m benchmarks.compile_keys [--keys FILE]
 
 ``benchmarks.warm_triton`` lists every case that the full-shape tests, the benchmarks and
 the sanitizer case run through the "triton" backend. This runs each of them on CPU tensors
 with ``specializations.recording(launch_kernels=False)``: every launch is recorded with the
 compile key Triton would give it on a GPU, and nothing runs, so the full shapes cost seconds.
-Prints the distinct keys per kernel and in all.
+Prints the distinct keys per kernel and in all; ``--keys`` writes them out (as
+``specializations`` does, so that the two sets can be joined).
 """
 
+import argparse
+import json
 import os
 import sys
 
@@ -24,24 +27,42 @@ from tome_kernels.backends.triton import launch  # noqa: E402
 from tome_kernels.backends.triton.specializations import recording, summary  # noqa: E402
 
 
-def main() -> int:
+def _run_on_cpu(case: tuple) -> None:
+    """warm_triton's case on CPU tensors (its own runner takes the GPU)."""
     cpu = torch.device("cpu")
+    if case[0] == "step":
+        # (step, shape, dtype, backward[, provider]): older warm-up lists had no provider.
+        _, name, dtype, backward, *provider = case
+        shape = next(s for s in GPU_SHAPES if s.name == name)
+        make_step(provider[0] if provider else "triton", shape, make_inputs(shape, cpu, getattr(torch, dtype)),
+                  backward)()
+        return
+    _, path, n, heads, d, channels, dtype = case
+    saved, launch.ONE_PASS_MAX_TOKENS = launch.ONE_PASS_MAX_TOKENS, PATHS[path]
+    try:
+        exercise("triton", n, heads, d, channels, getattr(torch, dtype), device="cpu")
+    finally:
+        launch.ONE_PASS_MAX_TOKENS = saved
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", help="write the distinct keys to this JSON file")
+    args = parser.parse_args(argv)
+    failed = 0
     with recording(launch_kernels=False) as keys:
-        for _, args in cases():
-            if args[0] == "step":
-                _, name, dtype, backward = args
-                shape = next(s for s in GPU_SHAPES if s.name == name)
-                make_step("triton", shape, make_inputs(shape, cpu, getattr(torch, dtype)), backward)()
-            else:
-                _, path, n, heads, d, channels, dtype = args
-                saved, launch.ONE_PASS_MAX_TOKENS = launch.ONE_PASS_MAX_TOKENS, PATHS[path]
-                try:
-                    exercise("triton", n, heads, d, channels, getattr(torch, dtype), device="cpu")
-                finally:
-                    launch.ONE_PASS_MAX_TOKENS = saved
-    print(f"{len(cases())} warm-up cases")
+        for label, case in cases():
+            try:
+                _run_on_cpu(case)
+            except Exception as error:  # as in warm_triton: one bad case must not hide the others
+                failed += 1
+                print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    print(f"{len(cases())} warm-up cases, {failed} failed")
     print(summary(keys))
-    return 0
+    if args.keys:
+        with open(args.keys, "w") as f:
+            json.dump(sorted(keys, key=repr), f, indent=0, default=repr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

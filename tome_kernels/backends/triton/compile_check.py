@@ -36,6 +36,8 @@ import time
 import traceback
 from typing import Dict, List, Tuple
 
+from .specializations import kernel_arguments
+
 DTYPES = ("fp32", "fp16", "bf16")
 
 # Pointer element types. DATA follows the dtype under test. Sizes may come in any float
@@ -123,24 +125,26 @@ KERNELS = {
 LAYOUTS = ("aligned", "unaligned", "strided")
 
 
-def _blocks(kernel: str) -> Dict[str, object]:
-    """The constexpr block sizes and the warps launch.py launches this kernel with."""
+def _blocks(kernel: str) -> List[Dict[str, object]]:
+    """The constexpr block sizes and the warps launch.py launches this kernel with: one set,
+    or for the kernels that merge, the wide merge tiles first and then the narrow ones."""
     from . import launch  # the launcher's own constants, so that they cannot drift
 
     warps, score_warps = dict(num_warps=launch.WARPS), dict(num_warps=launch.SCORE_WARPS)
     match = dict(BLOCK_A=launch.TOKEN_BLOCK, BLOCK_B=launch.TOKEN_BLOCK, BLOCK_D=launch.FEATURE_BLOCK)
     rank = dict(BLOCK_I=launch.TOKEN_BLOCK, BLOCK_K=launch.RANK_BLOCK)
+    merges = (launch.MERGE_BLOCKS, launch.NARROW_MERGE_BLOCKS)
     if kernel == "match_kernel":
-        return dict(score_warps, **match)
+        return [dict(score_warps, **match)]
     if kernel in ("assign_kernel", "energy_kernel"):
-        return dict(score_warps, BLOCK_I=launch.TOKEN_BLOCK, BLOCK_J=launch.TOKEN_BLOCK, BLOCK_D=launch.FEATURE_BLOCK)
+        return [dict(score_warps, BLOCK_I=launch.TOKEN_BLOCK, BLOCK_J=launch.TOKEN_BLOCK, BLOCK_D=launch.FEATURE_BLOCK)]
     if kernel == "rank_kernel":
-        return dict(warps, **rank)
+        return [dict(warps, **rank)]
     if kernel == "layout_kernel":
-        return dict(warps, BLOCK=launch.TOKEN_BLOCK)
+        return [dict(warps, BLOCK=launch.TOKEN_BLOCK)]
     if kernel == "one_pass_kernel":
-        return dict(score_warps, **match, **rank, **launch.MERGE_BLOCKS, BLOCK_L=launch.TOKEN_BLOCK)
-    return dict(warps, **launch.MERGE_BLOCKS)
+        return [dict(score_warps, **match, **rank, **merge, BLOCK_L=launch.TOKEN_BLOCK) for merge in merges]
+    return [dict(warps, **merge) for merge in merges]
 
 
 def _flag_sets(names: Tuple[str, ...], full: bool) -> List[Dict[str, bool]]:
@@ -160,12 +164,18 @@ def all_specs() -> List[Tuple[str, Dict[str, object]]]:
 
     def sweep(kernel, flag_sets, dtypes=DTYPES):
         """Each flag set in the aligned layout, per dtype; the defaults (the first set) and
-        every flag (the last) also in the other layouts."""
+        every flag (the last) also in the other layouts; and those two in every layout with
+        the narrow merge tiles, where the kernel merges."""
+        blocks, *other_blocks = _blocks(kernel)
+        ends = (flag_sets[0], flag_sets[-1])
         for dtype in dtypes:
             for flags in flag_sets:
-                specs.append((kernel, dict(dtype=dtype, layout="aligned", **flags, **_blocks(kernel))))
-            for flags, layout in itertools.product((flag_sets[0], flag_sets[-1]), LAYOUTS[1:]):
-                specs.append((kernel, dict(dtype=dtype, layout=layout, **flags, **_blocks(kernel))))
+                specs.append((kernel, dict(dtype=dtype, layout="aligned", **flags, **blocks)))
+            for flags, layout in itertools.product(ends, LAYOUTS[1:]):
+                specs.append((kernel, dict(dtype=dtype, layout=layout, **flags, **blocks)))
+            for more, flags, layout in itertools.product(other_blocks, ends, LAYOUTS):
+                if flags.get("DO_MERGE", True):
+                    specs.append((kernel, dict(dtype=dtype, layout=layout, **flags, **more)))
 
     # No data pointers: the dtype under test does not reach these two.
     sweep("rank_kernel", _flag_sets(("CLASS",), full=True), dtypes=("-",))
@@ -208,29 +218,26 @@ def _kernel(name: str):
     return getattr(module, name)
 
 
-def _not_specialized(fn) -> Tuple[str, ...]:
-    """The kernel's ``do_not_specialize`` arguments, by name."""
-    return tuple(fn.arg_names[a] if isinstance(a, int) else a for a in fn.do_not_specialize)
-
-
 def signature(kernel: str, spec: Dict[str, object]):
     """(signature, constexprs, attrs) of ``triton.compile`` for one variant, built from the
     kernel's own argument list so that it follows the kernel's changes."""
-    fn = _kernel(kernel)
+    # Read from the kernel's signature, so that this works in the interpreter too (the test
+    # lists the specs there).
+    arguments = kernel_arguments(_kernel(kernel))
     table = KERNELS[kernel]
     layout = spec["layout"]
     ones = table["unit"] if layout != "strided" else ()
     floats = table.get("floats", ())
     for name in table["unit"] + table["wide"] + tuple(table["pointers"]) + floats:
-        if name not in fn.arg_names:
+        if name not in [arg[0] for arg in arguments]:
             raise KeyError(f"{kernel}: the table names {name!r}, which is no argument of the kernel")
     # Triton never specialises these, whatever their values: the table must not claim it does.
-    claimed = set(_not_specialized(fn)) & set(table["unit"] + table["wide"])
+    claimed = {name for name, _, dont in arguments if dont} & set(table["unit"] + table["wide"])
     if claimed:
         raise KeyError(f"{kernel}: the table specialises {sorted(claimed)}, which the kernel does not specialise")
     sig, constexprs, attrs = {}, {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        if param.is_constexpr:
+    for i, (name, is_constexpr, _) in enumerate(arguments):
+        if is_constexpr:
             if name not in spec:
                 raise KeyError(f"{kernel}: the spec gives no value for constexpr {name!r}")
             sig[name], constexprs[name] = "constexpr", spec[name]
@@ -249,7 +256,7 @@ def signature(kernel: str, spec: Dict[str, object]):
             sig[name] = "i32"
             if layout == "aligned" and name in table["wide"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+    constexpr_names = {name for name, is_constexpr, _ in arguments if is_constexpr}
     unknown = set(spec) - constexpr_names - {"dtype", "layout", "num_warps"}
     if unknown:
         raise KeyError(f"{kernel}: the spec sets {sorted(unknown)}, which are no constexpr arguments of the kernel")

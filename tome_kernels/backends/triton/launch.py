@@ -30,14 +30,17 @@ def use_one_pass(num_tokens: int) -> bool:
 
 # Block sizes are constants, not derived from each call's shape: each distinct value is one
 # more Triton compilation (seconds of CPU per kernel variant on a GPU run), and rows of 64
-# tokens, chunks of 16 features and tiles of 8 x 256 channels suit every size from the
-# tests' few tokens to ViT and Stable Diffusion rows; a tile larger than a small input only
-# masks its tail.
+# tokens and chunks of 16 features suit every size from the tests' few tokens to ViT and
+# Stable Diffusion rows; a tile larger than a small input only masks its tail.
 TOKEN_BLOCK = 64
 RANK_BLOCK = 128
 FEATURE_BLOCK = 16
-MERGE_ROWS, MERGE_CHANNELS = 8, 256
-MERGE_BLOCKS = dict(BLOCK_R=MERGE_ROWS, BLOCK_C=MERGE_CHANNELS)
+# Merge tiles: 256 contiguous channels of 8 rows; for rows of at most 64 channels, whose
+# 256-wide tile would be mostly masked off, 64 channels of 16 rows (16 x 128 spilled in the
+# weighted merge's backward).
+MERGE_BLOCKS = dict(BLOCK_R=8, BLOCK_C=256)
+NARROW_MERGE_BLOCKS = dict(BLOCK_R=16, BLOCK_C=64)
+
 # Warps per program. The kernels that multiply 64 x 64 tiles of scores (matching, the
 # similarity kernels, the one-pass kernel) take 8: a thread then holds a 4 x 4 block of scores
 # and the operands of one 16-feature chunk in registers, where with 4 warps, or whole rows of
@@ -56,10 +59,15 @@ def _metric_layout(metric: Tensor):
     return (s_b, 0, s_n, s_d), 1, metric.shape[2]
 
 
-def _row_tiles(batch: int, rows: int):
+def _merge_blocks(channels: int):
+    return NARROW_MERGE_BLOCKS if channels <= NARROW_MERGE_BLOCKS["BLOCK_C"] else MERGE_BLOCKS
+
+
+def _row_tiles(batch: int, rows: int, channels: int):
     """Grid, tiles per batch row and launch options of the kernels over (rows, channels)."""
-    tiles = triton.cdiv(rows, MERGE_ROWS)
-    return (batch * tiles,), tiles, dict(MERGE_BLOCKS, num_warps=WARPS)
+    blocks = _merge_blocks(channels)
+    tiles = triton.cdiv(rows, blocks["BLOCK_R"])
+    return (batch * tiles,), tiles, dict(blocks, num_warps=WARPS)
 
 
 def _size_args(size: Optional[Tensor], fallback: Tensor):
@@ -102,17 +110,19 @@ def _matching(
 
     if one_pass:
         if x is None:
-            x_args, C = (metric, 0, 0, 0, metric, 0, 0, best, best), 0
+            # Not merging: the merge blocks are unused, the wide ones keep to one compilation.
+            x_args, C, merge_blocks = (metric, 0, 0, 0, metric, 0, 0, best, best), 0, MERGE_BLOCKS
         else:
             C = x.shape[2]
             x_args = (x, *x.stride()) + _size_args(size, x) + merged
+            merge_blocks = _merge_blocks(C)
         one_pass_kernel[(B,)](
             metric, *strides, *x_args, best, scratch, scratch.stride(0), *idx_args,
             r, N, Na, Nb, H, D, C,
             IS_KEYS=metric.dim() == 4, CLASS=class_token, DISTILL=distill_token,
             HAS_SIZE=size is not None, WRITE_INDICES=write_indices, DO_MERGE=x is not None,
             BLOCK_A=TOKEN_BLOCK, BLOCK_B=TOKEN_BLOCK, BLOCK_D=FEATURE_BLOCK, BLOCK_I=TOKEN_BLOCK, BLOCK_K=RANK_BLOCK,
-            BLOCK_L=TOKEN_BLOCK, **MERGE_BLOCKS, num_warps=SCORE_WARPS,
+            BLOCK_L=TOKEN_BLOCK, **merge_blocks, num_warps=SCORE_WARPS,
         )
         return idx_args[:4], (members, row_start), merged
 
@@ -162,7 +172,7 @@ def merge(
         out = (torch.empty(B, n_out, C, dtype=x.dtype, device=x.device), size_out)
     if B == 0:
         return out
-    grid, tiles, options = _row_tiles(B, n_out)
+    grid, tiles, options = _row_tiles(B, n_out, C)
     merge_kernel[grid](
         x, *x.stride(), *_size_args(size, x), *out, members, row_start, N, n_out, C, tiles,
         MODE=MODE_IDS[mode], HAS_SIZE=size is not None, **options,
@@ -183,7 +193,7 @@ def merge_wavg_backward(
                             device=x.device)
     if B == 0:
         return grad_x, grad_size
-    grid, tiles, options = _row_tiles(B, n_out)
+    grid, tiles, options = _row_tiles(B, n_out, C)
     merge_wavg_bwd_kernel[grid](
         grad_out, *grad_out.stride(), grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
         x, *x.stride(), *_size_args(size, x), grad_x, grad_size if size_grad else grad_x,
@@ -200,7 +210,7 @@ def merge_backward(grad_out: Tensor, x: Tensor, y: Tensor, members: Tensor, row_
     grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device)
     if B == 0:
         return grad_x
-    grid, tiles, options = _row_tiles(B, n_out)
+    grid, tiles, options = _row_tiles(B, n_out, C)
     merge_bwd_kernel[grid](
         grad_out, *grad_out.stride(), x, *x.stride(), y.contiguous(), grad_x, members, row_start, N, n_out, C, tiles,
         MODE=MODE_IDS[mode], **options,
@@ -215,7 +225,7 @@ def unmerge(y: Tensor, token_map: Tensor) -> Tensor:
     out = torch.empty(B, N, C, dtype=y.dtype, device=y.device)
     if B == 0:
         return out
-    grid, tiles, options = _row_tiles(B, N)
+    grid, tiles, options = _row_tiles(B, N, C)
     unmerge_kernel[grid](y, *y.stride(), token_map.contiguous(), out, N, n_out, C, tiles, **options)
     return out
 

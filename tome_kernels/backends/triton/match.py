@@ -8,13 +8,12 @@ by counting, for every A token, the A tokens ranked ahead of it.
 Both are helpers that the multi-kernel path launches over a (batch row, tile) grid and the
 one-pass kernel (``fused.py``) loops over itself. Scratch layout, per batch row (see
 ``launch.py``): ``best`` float32 (Na,), and in the int32 scratch ``rank`` at [0, Na) and
-``dst`` at [Na, 2 Na).
+``dst`` at [Na, 2 Na). Square roots and divisions round to nearest (``tl.sqrt_rn``,
+``tl.div_rn``), as the reference's do: docs/semantics.md, "Arithmetic".
 """
 
 import triton
 import triton.language as tl
-
-from .arith import div_rn
 
 # Same eps as reference.NORM_EPS: a zero metric row stays zero instead of becoming NaN.
 NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
@@ -22,10 +21,16 @@ NORM_EPS: tl.constexpr = tl.constexpr(1e-12)
 
 @triton.jit
 def _load_metric(
-    metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, H, D, IS_KEYS: tl.constexpr, BLOCK_D: tl.constexpr
+    metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, norm, H, D,
+    IS_KEYS: tl.constexpr, UNIT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """float32 metric rows of tokens ``o_tok``, columns [d0, d0 + BLOCK_D); keys are averaged
-    over their H heads here, so the (B, N, D) mean is never materialised."""
+    """float32 metric rows of tokens ``o_tok``, columns [d0, d0 + BLOCK_D), with ``UNIT``
+    divided by the rows' norms ``norm`` (unused otherwise); keys are averaged over their H
+    heads here, so the (B, N, D) mean is never materialised.
+
+    One helper for both: the interpreter re-patches the language module at every call of a
+    @triton.jit helper (about a millisecond a call under cProfile), and this runs once per
+    chunk of features."""
     o_d = d0 + tl.arange(0, BLOCK_D)
     m = m_tok[:, None] & (o_d[None, :] < D)
     p = metric_ptr + b64 * s_b + o_tok.to(tl.int64)[:, None] * s_n + o_d[None, :] * s_d
@@ -33,7 +38,10 @@ def _load_metric(
     if IS_KEYS:
         for h in range(1, H):
             rows += tl.load(p + h * s_h, mask=m, other=0.0).to(tl.float32)
-        rows = div_rn(rows, H)
+        # The mean, then the normalisation, each rounded once: as the reference computes them.
+        rows = tl.div_rn(rows, tl.full(rows.shape, H, tl.float32))
+    if UNIT:
+        rows = tl.div_rn(rows, tl.broadcast_to(norm[:, None], rows.shape))
     return rows
 
 
@@ -44,18 +52,9 @@ def _metric_norms(
     """L2 norm of each metric row, clamped below at NORM_EPS."""
     sq = tl.zeros(o_tok.shape, tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        rows = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, H, D, IS_KEYS, BLOCK_D)
+        rows = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, sq, H, D, IS_KEYS, False, BLOCK_D)
         sq += tl.sum(rows * rows, axis=1)
     return tl.maximum(tl.sqrt_rn(sq), NORM_EPS)
-
-
-@triton.jit
-def _unit_chunk(
-    metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, norm, H, D, IS_KEYS: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """Columns [d0, d0 + BLOCK_D) of the unit-norm metric rows of tokens ``o_tok``."""
-    rows = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_tok, m_tok, d0, H, D, IS_KEYS, BLOCK_D)
-    return div_rn(rows, norm[:, None])
 
 
 @triton.jit
@@ -91,9 +90,10 @@ def match_tile(
         # in feature order, so the sum is the same as one dot over all of D.
         score = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            a_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, d0, norm_a, H, D, IS_KEYS, BLOCK_D)
-            b_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, d0, norm_b, H, D, IS_KEYS,
-                              BLOCK_D)
+            a_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_i, m_i, d0, norm_a, H, D, IS_KEYS, True,
+                               BLOCK_D)
+            b_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, 2 * o_j + 1, m_j, d0, norm_b, H, D, IS_KEYS, True,
+                               BLOCK_D)
             score = tl.dot(a_c, tl.trans(b_c), score, input_precision="ieee")
         candidate = m_j
         if DISTILL:

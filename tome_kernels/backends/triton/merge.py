@@ -7,13 +7,13 @@ results are identical run after run. Accumulation is float32; channels stream th
 blocks of BLOCK_C contiguous elements (wide loads when the channel stride is 1).
 
 A row with a single member (a kept token, or a destination nothing merged into) is copied
-exactly, as in the reference; any other row is a group reduction.
+exactly, as in the reference; any other row is a group reduction. Divisions round to nearest
+(``tl.div_rn``, which wants operands of one shape: hence the broadcasts), as the reference's
+do: docs/semantics.md, "Arithmetic".
 """
 
 import triton
 import triton.language as tl
-
-from .arith import div_rn
 
 # Modes of merge_rows / merge_bwd_rows (tome_kernels.reference.MERGE_MODES plus the weighted one).
 WAVG: tl.constexpr = tl.constexpr(0)
@@ -100,9 +100,9 @@ def merge_rows(
             else:
                 acc += xk
         if MODE == WAVG:
-            acc = div_rn(acc, total[:, None])
+            acc = tl.div_rn(acc, tl.broadcast_to(total[:, None], acc.shape))
         elif MODE == MEAN:
-            acc = div_rn(acc, tl.maximum(count, 1)[:, None])
+            acc = tl.div_rn(acc, tl.broadcast_to(tl.maximum(count, 1).to(tl.float32)[:, None], acc.shape))
         # Kept tokens are copies: x0 converts back to x's dtype exactly.
         y = tl.where(copy[:, None], x0, acc)
         tl.store(out_b + o_r[:, None] * C + o_c[None, :], y.to(out_ptr.dtype.element_ty),
@@ -162,7 +162,7 @@ def merge_wavg_bwd_kernel(
                              other=0.0)
                 num += xk.to(tl.float32) * _sizes(size_ptr, ss_b, ss_n, b64, tok, m_k, HAS_SIZE)[:, None]
             gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-            gy_dot_y += tl.sum(gy * div_rn(num, total[:, None]), axis=1)
+            gy_dot_y += tl.sum(gy * tl.div_rn(num, tl.broadcast_to(total[:, None], num.shape)), axis=1)
 
     for k in range(0, max_count):
         tok, m_k = _member(members_ptr, b64, N, start, count, m_r, k)
@@ -172,13 +172,13 @@ def merge_wavg_bwd_kernel(
             o_c = c0 + tl.arange(0, BLOCK_C)
             m_kc = m_k[:, None] & (o_c[None, :] < C)
             gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_kc, other=0.0).to(tl.float32)
-            gx = tl.where(copy[:, None], gy, div_rn(gy, total[:, None]) * s[:, None])
+            gx = tl.where(copy[:, None], gy, tl.div_rn(gy, tl.broadcast_to(total[:, None], gy.shape)) * s[:, None])
             tl.store(gx_ptr + (b64 * N + tok)[:, None] * C + o_c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=m_kc)
             if SIZE_GRAD:
                 xk = tl.load(x_b + tok[:, None] * sx_n + o_c[None, :] * sx_c, mask=m_kc, other=0.0)
                 gy_dot_x += tl.sum(gy * xk.to(tl.float32), axis=1)
         if SIZE_GRAD:
-            gs = tl.where(copy, gsize, div_rn(gy_dot_x - gy_dot_y, total) + gsize)
+            gs = tl.where(copy, gsize, tl.div_rn(gy_dot_x - gy_dot_y, total) + gsize)
             tl.store(gs_ptr + b64 * N + tok, gs.to(gs_ptr.dtype.element_ty), mask=m_k)
 
 
@@ -207,7 +207,7 @@ def merge_bwd_kernel(
         m_rc = m_r[:, None] & (o_c[None, :] < C)
         gy = tl.load(gy_rows + o_c[None, :] * sg_c, mask=m_rc, other=0.0).to(tl.float32)
         if MODE == MEAN:
-            gy = div_rn(gy, tl.maximum(count, 1)[:, None])
+            gy = tl.div_rn(gy, tl.broadcast_to(tl.maximum(count, 1).to(tl.float32)[:, None], gy.shape))
         if MODE == AMAX or MODE == AMIN:
             y = tl.load(y_ptr + (b64 * n_out + o_r)[:, None] * C + o_c[None, :], mask=m_rc, other=0.0)
             y = y.to(tl.float32)
@@ -222,7 +222,7 @@ def merge_bwd_kernel(
             g = gy
             if MODE == AMAX or MODE == AMIN:
                 xk = tl.load(x_b + tok[:, None] * sx_n + o_c[None, :] * sx_c, mask=m_kc, other=0.0)
-                g = tl.where(xk.to(tl.float32) == y, div_rn(gy, tl.maximum(ties, 1.0)), 0.0)
+                g = tl.where(xk.to(tl.float32) == y, tl.div_rn(gy, tl.maximum(ties, 1.0)), 0.0)
                 g = tl.where(copy[:, None], gy, g)
             tl.store(gx_ptr + (b64 * N + tok)[:, None] * C + o_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=m_kc)
 

@@ -9,14 +9,14 @@
 Each program takes a tile of BLOCK_I tokens and streams the row's tokens in tiles of
 BLOCK_J, normalising the metric rows as it loads them (keys are averaged over heads on the
 fly): the N x N similarity is never written, and the work per row is O(N^2 D) with O(N D)
-memory traffic per tile. Scores are IEEE float32 dot products, as in the bipartite matching.
+memory traffic per tile. Scores are IEEE float32 dot products, as in the bipartite matching,
+and the energy's mean is an IEEE division (docs/semantics.md, "Arithmetic").
 """
 
 import triton
 import triton.language as tl
 
-from .arith import div_rn
-from .match import _metric_norms, _unit_chunk
+from .match import _load_metric, _metric_norms
 
 # Roles, as in tome_kernels.reference.partition.
 SOURCE: tl.constexpr = tl.constexpr(1)
@@ -36,8 +36,8 @@ def _similarity(
     norm_j = _metric_norms(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, H, D, IS_KEYS, BLOCK_D)
     score = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        a_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, d0, norm_i, H, D, IS_KEYS, BLOCK_D)
-        b_c = _unit_chunk(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, d0, norm_j, H, D, IS_KEYS, BLOCK_D)
+        a_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, d0, norm_i, H, D, IS_KEYS, True, BLOCK_D)
+        b_c = _load_metric(metric_ptr, s_b, s_h, s_n, s_d, b64, o_j, m_j, d0, norm_j, H, D, IS_KEYS, True, BLOCK_D)
         score = tl.dot(a_c, tl.trans(b_c), score, input_precision="ieee")
     return score
 
@@ -121,5 +121,5 @@ def energy_kernel(
         valid = (score == score) & m_j[None, :]
         total += tl.sum(tl.where(valid, f, 0.0), axis=1)
         count += tl.sum(valid.to(tl.float32), axis=1)
-    energy = tl.where(count > 0, div_rn(total, count), float("-inf"))
+    energy = tl.where(count > 0, tl.div_rn(total, count), float("-inf"))
     tl.store(energy_ptr + b64 * N + o_i, energy, mask=m_i)

@@ -39,7 +39,7 @@ def _specialize():
     return impl
 
 
-def _arguments(kernel):
+def kernel_arguments(kernel):
     """(name, is a constexpr, is in do_not_specialize) per argument, for a compiled kernel
     (JITFunction) as for an interpreted one (which keeps its decorator's options in kwargs)."""
     dont = getattr(kernel, "do_not_specialize", None)
@@ -62,7 +62,7 @@ def compile_key(kernel, args: tuple, kwargs: Dict[str, object]) -> Tuple:
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
     bound = inspect.signature(fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in _OPTIONS})
     parts = []
-    for name, constexpr, dont in _arguments(kernel):
+    for name, constexpr, dont in kernel_arguments(kernel):
         value = bound.arguments[name]
         if constexpr:
             parts.append((name, "constexpr", value))
