@@ -18,9 +18,10 @@ from .merge import MODE_IDS, merge_bwd_kernel, merge_kernel, merge_wavg_bwd_kern
 from .similarity import assign_kernel, energy_kernel
 
 # Rows of at most this many tokens take the one-pass kernel (match, select and merge in one
-# program per row). Provisional: chosen from the kernels' structure (one 128-token tile of
-# A and of B per row), not yet from a measured crossover; the benchmark providers
-# "triton_one_pass" and "triton_multi_kernel" measure both paths on a GPU.
+# program per row). Provisional: chosen from the kernels' structure (at most two 64-token
+# tiles of A and two of B per row, which one program loops over), not yet from a measured
+# crossover; the benchmark providers "triton_one_pass" and "triton_multi_kernel" measure
+# both paths on a GPU.
 ONE_PASS_MAX_TOKENS = 256
 
 
