@@ -74,6 +74,7 @@ def exercise(backend: str, n: int, heads: Optional[int], d: int, channels: int, 
 
 def cases() -> List[Case]:
     """Every case: the benchmark shapes' steps, then the small passes over every operator."""
+    from .providers import applies
     from .shapes import GPU_SHAPES
 
     out: List[Case] = []
@@ -82,7 +83,8 @@ def cases() -> List[Case]:
             # The benchmarks time float16 on each path of the Triton backend; the full-shape
             # tests run every dtype on the path the backend chooses.
             providers = BENCH_TRITON_PROVIDERS if dtype == BENCH_DTYPE else ("triton",)
-            for provider in providers:
+            # As benchmarks.run does: the forced paths time ToMe's shapes only.
+            for provider in (p for p in providers if applies(p, shape)):
                 for backward in (False, True) if "fwd+bwd" in shape.passes else (False,):
                     label = f"step {shape.name} {dtype} {'fwd+bwd' if backward else 'fwd'} {provider}"
                     out.append((label, ("step", shape.name, dtype, backward, provider)))

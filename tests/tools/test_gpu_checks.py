@@ -336,6 +336,7 @@ def test_a_summary_that_fails_is_still_written(tmp_path, monkeypatch):
 
 
 def test_warm_up_cases_and_cache_count(tmp_path):
+    from benchmarks.providers import applies
     from benchmarks.shapes import GPU_SHAPES
     from benchmarks.warm_triton import cached_kernels, cases
 
@@ -343,6 +344,12 @@ def test_warm_up_cases_and_cache_count(tmp_path):
     assert len(labels) == len(set(labels))
     for shape in GPU_SHAPES:
         assert any(f"step {shape.name} " in label for label in labels)
+    # Each step case is one benchmarks.run would time (make_step refuses the forced Triton
+    # paths on the other methods' shapes).
+    for label, args in cases():
+        if args[0] == "step":
+            shape = next(s for s in GPU_SHAPES if s.name == args[1])
+            assert applies(args[4], shape), label
     assert sum(label.startswith("exercise") for label in labels) == 6
 
     # The count reads Triton's cache layout: one kernel compiled (no GPU needed) is one.
