@@ -18,31 +18,8 @@ import sys
 # The Triton backend takes CPU tensors only in interpreter mode, set before triton loads.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-
-from benchmarks.providers import make_inputs, make_step  # noqa: E402
-from benchmarks.shapes import GPU_SHAPES  # noqa: E402
-from benchmarks.warm_triton import PATHS, cases, exercise  # noqa: E402
-from tome_kernels.backends.triton import launch  # noqa: E402
+from benchmarks.warm_triton import cases, run_case  # noqa: E402
 from tome_kernels.backends.triton.specializations import recording, summary  # noqa: E402
-
-
-def _run_on_cpu(case: tuple) -> None:
-    """warm_triton's case on CPU tensors (its own runner takes the GPU)."""
-    cpu = torch.device("cpu")
-    if case[0] == "step":
-        # (step, shape, dtype, backward[, provider]): older warm-up lists had no provider.
-        _, name, dtype, backward, *provider = case
-        shape = next(s for s in GPU_SHAPES if s.name == name)
-        make_step(provider[0] if provider else "triton", shape, make_inputs(shape, cpu, getattr(torch, dtype)),
-                  backward)()
-        return
-    _, path, n, heads, d, channels, dtype = case
-    saved, launch.ONE_PASS_MAX_TOKENS = launch.ONE_PASS_MAX_TOKENS, PATHS[path]
-    try:
-        exercise("triton", n, heads, d, channels, getattr(torch, dtype), device="cpu")
-    finally:
-        launch.ONE_PASS_MAX_TOKENS = saved
 
 
 def main(argv=None) -> int:
@@ -53,7 +30,7 @@ def main(argv=None) -> int:
     with recording(launch_kernels=False) as keys:
         for label, case in cases():
             try:
-                _run_on_cpu(case)
+                run_case(case, device="cpu")  # on CPU tensors: its own runner takes the GPU
             except Exception as error:  # as in warm_triton: one bad case must not hide the others
                 failed += 1
                 print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")

@@ -29,11 +29,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
-import torch
+# torch is imported inside the functions that run cases: scripts/gpu_checks.py imports this
+# module for cached_kernels alone, in a process that must not hold torch (or a CUDA context).
+if TYPE_CHECKING:
+    import torch
 
-# A case: (what it is, args for _run_case). Plain tuples, so they pickle to spawned workers.
+# A case: (what it is, args for run_case). Plain tuples, so they pickle to spawned workers.
 Case = Tuple[str, tuple]
 
 DTYPES = ("float16", "float32", "bfloat16")
@@ -48,11 +51,13 @@ BENCH_TRITON_PROVIDERS = ("triton", "triton_one_pass", "triton_multi_kernel")
 PATHS = {"one_pass": 10**9, "multi_kernel": 0}
 
 
-def exercise(backend: str, n: int, heads: Optional[int], d: int, channels: int, dtype: torch.dtype,
+def exercise(backend: str, n: int, heads: Optional[int], d: int, channels: int, dtype: "torch.dtype",
              device: str = "cuda") -> None:
     """Run every operator of a backend once at a small shape, forward and backward: ToMe's
     merge and match (with class / distill tokens), every merge mode, unmerge, PiToMe's energy,
     and the grid and window assignments of the diffusion methods."""
+    import torch
+
     from tome_kernels import MERGE_MODES, bipartite_match, bipartite_merge, grid_match, pitome_merge, window_match
 
     batch = 3
@@ -95,7 +100,10 @@ def cases() -> List[Case]:
     return out
 
 
-def _run_case(args: tuple) -> None:
+def run_case(args: tuple, device: str = "cuda") -> None:
+    """Run one case on ``device`` (benchmarks.compile_keys runs them on CPU tensors)."""
+    import torch
+
     from tome_kernels.backends.triton import launch
 
     if args[0] == "step":
@@ -104,19 +112,23 @@ def _run_case(args: tuple) -> None:
 
         _, name, dtype, backward, provider = args
         shape = next(s for s in GPU_SHAPES if s.name == name)
-        make_step(provider, shape, make_inputs(shape, torch.device("cuda"), getattr(torch, dtype)), backward)()
+        make_step(provider, shape, make_inputs(shape, torch.device(device), getattr(torch, dtype)), backward)()
     else:
         _, path, n, heads, d, channels, dtype = args
-        launch.ONE_PASS_MAX_TOKENS = PATHS[path]
-        exercise("triton", n, heads, d, channels, getattr(torch, dtype))
-    torch.cuda.synchronize()
+        saved, launch.ONE_PASS_MAX_TOKENS = launch.ONE_PASS_MAX_TOKENS, PATHS[path]
+        try:
+            exercise("triton", n, heads, d, channels, getattr(torch, dtype), device=device)
+        finally:
+            launch.ONE_PASS_MAX_TOKENS = saved
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _worker(case: Case) -> Tuple[str, float, Optional[str]]:
     label, args = case
     start = time.perf_counter()
     try:
-        _run_case(args)
+        run_case(args)
         return label, time.perf_counter() - start, None
     except Exception as error:  # one bad case must not stop the others; it is reported
         return label, time.perf_counter() - start, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -151,6 +163,8 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(label for label, _ in todo))
         return 0
+    import torch
+
     if not torch.cuda.is_available():
         print("warm_triton: no GPU visible (torch.cuda.is_available() is False): nothing compiled", file=sys.stderr)
         return 2

@@ -53,6 +53,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file (python scripts/gpu_checks.py): the repository's modules
+from benchmarks.warm_triton import cached_kernels  # noqa: E402  (standard library only until it runs a case)
+
 PY = sys.executable
 SUMMARY_LIMIT = 8 * 1024
 ARCHIVE = "logs.tar.gz"
@@ -482,14 +485,6 @@ def pack_logs(out: Path, plan: List[Step], before: set) -> None:
                 tar.addfile(info, data)
     for f in files:
         f.unlink()
-
-
-def cached_kernels(cache: Path) -> int:
-    """Compiled kernels in a Triton cache, counted as benchmarks.warm_triton.cached_kernels does
-    (a test checks that they agree): importing that module would import torch into this process."""
-    if not cache.is_dir():
-        return 0
-    return sum(1 for p in cache.glob("*/*.json") if not p.name.startswith("__grp__"))
 
 
 def run_plan(plan: List[Step], out: Path, env: Dict[str, str]) -> List[str]:
