@@ -6,9 +6,11 @@ from torch import Tensor
 
 from . import checks
 from .backends import select_backend
+from .backends.ambient import fixed_numerics
 from .plan import MergePlan
 
 
+@fixed_numerics
 def bipartite_merge(
     x: Tensor,
     metric: Tensor,
@@ -42,6 +44,7 @@ def bipartite_merge(
     return impl.bipartite_merge(x, metric, r, size, class_token, distill_token)
 
 
+@fixed_numerics
 def bipartite_match(
     metric: Tensor,
     r: int,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import checks
 from .backends import select_backend
+from .backends.ambient import fixed_numerics
 from .backends.base import Backend
 from .plan import MergePlan
 from .reference import partition, roles
@@ -41,6 +42,7 @@ def _plan(metric: Tensor, role: Tensor, r: int, impl: Backend, window: Optional[
     return MergePlan(impl.partition(metric, role, r, window), impl)
 
 
+@fixed_numerics
 def pitome_match(
     metric: Tensor,
     r: int,
@@ -104,6 +106,7 @@ def pitome_merge(
     return pitome_match(metric, r, **options).merge_wavg(x, size)
 
 
+@fixed_numerics
 def kth_bipartite_match(
     metric: Tensor, k: int, *, class_token: bool = False, distill_token: bool = False, backend: str = "auto"
 ) -> MergePlan:
@@ -117,6 +120,7 @@ def kth_bipartite_match(
     return _plan(metric, role, sources, impl)
 
 
+@fixed_numerics
 def random_bipartite_match(
     metric: Tensor,
     r: int,
@@ -138,6 +142,7 @@ def random_bipartite_match(
     return _plan(metric, role, r, impl)
 
 
+@fixed_numerics
 def grid_match(
     metric: Tensor,
     r: int,
@@ -170,6 +175,7 @@ def grid_match(
     return _plan(metric, role, min(r, sources), impl)
 
 
+@fixed_numerics
 def window_match(
     metric: Tensor,
     r: int,

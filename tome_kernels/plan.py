@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from . import checks
+from .backends.ambient import fixed_numerics
 from .backends.base import Backend, Plan
 from .reference import MatchResult
 
@@ -69,18 +70,21 @@ class MergePlan:
     def _check_tokens(self, name: str, value, tokens: int) -> Tensor:
         return checks.check_tokens(name, value, self.batch_size, tokens, self.device, f"(B, {tokens}, C)")
 
+    @fixed_numerics
     def merge_wavg(self, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Size-weighted average of each group: (x (B, N-r, C), size (B, N-r, 1))."""
         self._check_tokens("x", x, self.num_tokens)
         checks.check_size(size, self.batch_size, self.num_tokens, self.device)
         return self._backend_for(x, size).merge_wavg(self._match, x, size)
 
+    @fixed_numerics
     def merge(self, x: Tensor, mode: str = "mean") -> Tensor:
         """Reduce each group by ``mode``: "sum", "mean", "amax" or "amin"."""
         checks.check_mode(mode)
         self._check_tokens("x", x, self.num_tokens)
         return self._backend_for(x).merge(self._match, x, mode)
 
+    @fixed_numerics
     def unmerge(self, y: Tensor) -> Tensor:
         """(B, N-r, C) back to (B, N, C): each input token gets the row it was merged into."""
         self._check_tokens("y", y, self.num_tokens - self.r)

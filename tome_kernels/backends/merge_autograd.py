@@ -55,9 +55,17 @@ def _merge_in_torch(x: Tensor, size: Optional[Tensor], members: Tensor, row_star
 
 
 def _differentiable_grads(outputs, inputs, grads):
-    """Gradients of ``outputs`` for ``inputs`` (None where not needed), with their graph."""
+    """Gradients of ``outputs`` for ``inputs`` (None where not needed), with their graph.
+
+    Only the outputs that depend on a wanted input take part: ``autograd.grad`` refuses an
+    output without a graph, and the merged size has none when ``size`` needs no gradient
+    (or is None), which is the usual case of a gradient penalty on x."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]
-    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True))
+    pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
+    if not wanted or not pairs:
+        return [None] * len(inputs)
+    outs, out_grads = zip(*pairs)
+    found = iter(torch.autograd.grad(outs, wanted, out_grads, create_graph=True, allow_unused=True))
     return [next(found) if t is not None and t.requires_grad else None for t in inputs]
 
 

@@ -69,7 +69,10 @@ def random(batch: int, tokens: int, r: int, protected: int, generator: Optional[
     """Random bipartite: per batch row, r unprotected tokens drawn at random are sources and
     all other unprotected tokens destinations."""
     gen_device = generator.device if generator is not None else device
-    draws = torch.rand(batch, tokens - protected, generator=generator, device=gen_device).to(device)
+    # float32 draws whatever torch.get_default_dtype() is: a float64 default would draw
+    # other numbers from the same generator state, so another plan for the same seed.
+    draws = torch.rand(batch, tokens - protected, generator=generator, device=gen_device,
+                       dtype=torch.float32).to(device)
     chosen = draws.argsort(dim=1)[:, :r] + protected
     roles = _roles(batch, tokens, device)
     roles[:, protected:] = DEST
