@@ -1,73 +1,33 @@
 """tome_kernels.patch.diffusion on diffusers' BasicTransformerBlock (tiny random models)."""
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 import tome_kernels.patch as tome_patch
 from tests.helpers import assert_within_twice_reference_error, cpu_backend_cases
+from tests.patch.diffusers_models import (
+    CONTEXT_DIM,
+    DIM,
+    NO_UNEXPECTED_NO_OPS,
+    BasicTransformerBlock,
+    NoMergeWarning,
+    Transformer2DModel,
+    context,
+    dit,
+    dit_inputs,
+    make_block,
+    make_unet,
+    one_thread,  # noqa: F401 (a fixture, used by every test through the mark below)
+    record_tokens,
+    run,
+    tokens,
+    unet_inputs,
+)
 from tome_kernels import grid_match
 from tome_kernels.patch.diffusion import _merged_forward
 
-diffusers_import_utils = pytest.importorskip("diffusers.utils.import_utils")
-
-
-@contextlib.contextmanager
-def diffusers_without_transformers():
-    """diffusers' model classes import its loaders, which import transformers' image
-    processors when transformers is installed; with the torchvision stand-in that conftest
-    gives timm, transformers takes torchvision for present and those imports fail. No test
-    here uses a loader, so diffusers is told, while its models import, that transformers is
-    absent (a flag of diffusers 0.42's import_utils, read when a module imports)."""
-    available = diffusers_import_utils._transformers_available
-    diffusers_import_utils._transformers_available = False
-    try:
-        yield
-    finally:
-        diffusers_import_utils._transformers_available = available
-
-
-with diffusers_without_transformers():
-    from diffusers import DiTTransformer2DModel, Transformer2DModel, UNet2DConditionModel
-    from diffusers.models.attention import BasicTransformerBlock
-
-DIM, CONTEXT_DIM = 32, 24
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second intra-op thread costs more than it saves, and on a
-    busy machine many times more (measured: 35 s against 4 s for this file)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_block(**kwargs):
-    torch.manual_seed(0)
-    return BasicTransformerBlock(DIM, 2, 16, cross_attention_dim=CONTEXT_DIM, **kwargs).eval()
-
-
-def make_unet():
-    # Transformer blocks at two resolutions: the latent's (ds = 1) and half of it (ds = 2).
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
-
-
-def tokens(n=64, batch=2, seed=1):
-    return torch.randn(batch, n, DIM, generator=torch.Generator().manual_seed(seed))
-
-
-def context(batch=2):
-    return torch.randn(batch, 5, CONTEXT_DIM, generator=torch.Generator().manual_seed(2))
+pytestmark = [NO_UNEXPECTED_NO_OPS, pytest.mark.usefixtures("one_thread")]
 
 
 def adaln_single_input(batch):
@@ -87,27 +47,6 @@ NORM_CASES = {
 def norm_block(norm_type, **kwargs):
     block_kwargs, forward_kwargs = NORM_CASES[norm_type]
     return make_block(norm_type=norm_type, **block_kwargs, **kwargs), forward_kwargs(2)
-
-
-def run(model, *args, **kwargs):
-    with torch.no_grad():
-        out = model(*args, **kwargs)
-    return getattr(out, "sample", out)
-
-
-def unet_inputs(height=16, width=12):
-    sample = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(4))
-    return sample, torch.tensor([10, 500]), context()
-
-
-def record_tokens(model, part="attn1"):
-    """Token count each block's ``part`` receives, by block name, filled as the model runs."""
-    seen = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BasicTransformerBlock):
-            getattr(module, part).register_forward_pre_hook(
-                lambda _m, args, name=name: seen.__setitem__(name, args[0].shape[1]))
-    return seen
 
 
 def hand_merged(block, x, encoder, plan, attn=True, cross=False, mlp=False):
@@ -248,7 +187,7 @@ def test_unet_ratio_0_and_remove_are_bit_identical():
     assert not torch.allclose(run(unet, sample, timestep, encoder), expected, atol=1e-5)
     tome_patch.remove(unet)
     assert torch.equal(run(unet, sample, timestep, encoder), expected)
-    assert not tome_patch.is_patched(unet) and not unet._forward_pre_hooks
+    assert not tome_patch.is_patched(unet) and not unet._forward_pre_hooks and not unet._forward_hooks
     assert all(type(m) is BasicTransformerBlock for m in unet.modules() if isinstance(m, BasicTransformerBlock))
     assert not any(hasattr(m, "_tome_diffusion") for m in unet.modules())
 
@@ -259,9 +198,10 @@ def test_patching_twice_replaces_the_settings():
     tome_patch.diffusion(block, 0.5)
     tome_patch.diffusion(block, 0.0)
     assert torch.equal(run(block, x, encoder_hidden_states=encoder), expected)
-    assert type(block).__mro__[1:].count(BasicTransformerBlock) == 1 and len(block._forward_pre_hooks) == 1
+    assert type(block).__mro__[1:].count(BasicTransformerBlock) == 1
+    assert len(block._forward_pre_hooks) == len(block._forward_hooks) == 1
     tome_patch.remove(block)
-    assert type(block) is BasicTransformerBlock and not block._forward_pre_hooks
+    assert type(block) is BasicTransformerBlock and not block._forward_pre_hooks and not block._forward_hooks
 
 
 def test_latent_size():
@@ -275,12 +215,14 @@ def test_latent_size():
     assert torch.equal(run(block, x, encoder_hidden_states=encoder), hand_merged(make_block(), x, encoder, plan))
     # The tokens of a 12x16 latent downsampled twice: merged only when max_downsample allows.
     tome_patch.diffusion(block, 0.5, latent_size=(12, 16), random_dst=False)
-    assert torch.equal(run(block, x, encoder_hidden_states=encoder), expected)
+    with pytest.warns(NoMergeWarning, match="downsampling 2 .*max_downsample=2"):
+        assert torch.equal(run(block, x, encoder_hidden_states=encoder), expected)
     tome_patch.diffusion(block, 0.5, latent_size=(12, 16), random_dst=False, max_downsample=2,
                          backend="reference")
     assert torch.equal(run(block, x, encoder_hidden_states=encoder), hand_merged(make_block(), x, encoder, plan))
+    # 48 tokens are no power-of-two downsampling of 6x9 (54, 15, 6, 2, 1 tokens).
     tome_patch.diffusion(block, 0.5, latent_size=(6, 9), max_downsample=4)
-    with pytest.raises(ValueError, match="3x5 grid of 15 tokens"):
+    with pytest.raises(ValueError, match=r"N=48 .*latent_size 6x9 .*d=1: 6x9=54, d=2: 3x5=15\)"):
         run(block, x, encoder_hidden_states=encoder)
 
 
@@ -296,16 +238,15 @@ def test_transformer_records_its_4d_input():
 
 def test_dit_patch_tokens_need_latent_size():
     """DiT's tokens are 2x2 patches of the latent: with max_downsample=1 they count as
-    downsampled and are not merged, unless latent_size gives the patch grid."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1,
-                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-    inputs = (torch.randn(2, 4, 8, 8),)
-    conditions = dict(timestep=torch.tensor([1, 2]), class_labels=torch.tensor([0, 3]))
+    downsampled (level 2) and are not merged, with a warning, unless latent_size gives the
+    patch grid."""
+    model = dit()
+    inputs, conditions = dit_inputs()
     expected = run(model, *inputs, **conditions)
     seen = record_tokens(model)
     tome_patch.diffusion(model, 0.5)
-    assert torch.equal(run(model, *inputs, **conditions), expected) and seen == {"transformer_blocks.0": 16}
+    with pytest.warns(NoMergeWarning, match=r"downsampling 2 .*max_downsample=2 .*latent_size=\(4, 4\)"):
+        assert torch.equal(run(model, *inputs, **conditions), expected) and seen == {"transformer_blocks.0": 16}
     tome_patch.diffusion(model, 0.5, latent_size=(4, 4))
     assert not torch.allclose(run(model, *inputs, **conditions), expected, atol=1e-5)
     assert seen == {"transformer_blocks.0": 8}
@@ -325,6 +266,8 @@ BAD_ARGUMENTS = [
     ({"ratio": float("nan")}, ValueError, "ratio"),
     ({"sx": 0}, ValueError, "sx"), ({"sy": 2.0}, TypeError, "sy"),
     ({"max_downsample": 0}, ValueError, "max_downsample"), ({"max_downsample": True}, TypeError, "max_downsample"),
+    ({"max_downsample": 3}, ValueError, "max_downsample must be a power of two"),
+    ({"max_downsample": 12}, ValueError, "max_downsample must be a power of two"),
     ({"random_dst": 1}, TypeError, "random_dst"), ({"merge_attn": "yes"}, TypeError, "merge_attn"),
     ({"merge_crossattn": None}, TypeError, "merge_crossattn"), ({"merge_mlp": 0}, TypeError, "merge_mlp"),
     ({"seed": -1}, ValueError, "seed"), ({"seed": 2**64}, ValueError, "seed"), ({"seed": 1.5}, TypeError, "seed"),

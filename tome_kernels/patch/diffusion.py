@@ -6,14 +6,26 @@ Unlike ToMe in a ViT, the residual stream keeps its length: each patched block c
 the self-attention (and, if asked, the cross-attention and the feed-forward), and unmerges
 each output before its residual add. The plan's 2-D partition needs the tokens' grid, which
 comes from the latent's (H, W): recorded by a forward pre-hook on the patched model from its
-first tensor input, or given as ``latent_size``.
+first tensor input, or given as ``latent_size``. A block's downsampling level is the
+smallest power of two d with ceil(H / d) * ceil(W / d) tokens, how a UNet's stride-2
+convolutions shrink the latent.
 
 Each block becomes a subclass of its own class (``tome_subclass``); no module or parameter
 changes, so the state_dict keeps its names while patched and ``remove`` restores the model.
+
+What one forward pass uses (the recorded latent size, the seeded generators, what each block
+merged) lives in a ``DiffusionPass`` that the model's pre-hook opens and its forward hook
+closes, kept per thread: two threads calling one patched model never share a pass. A pass
+with ratio > 0 in which no block merged anything warns (``NoMergeWarning``), once per
+patched model and reason, saying why.
 """
 
 import math
-from typing import Dict, List, Optional, Tuple
+import os
+import sys
+import threading
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +41,10 @@ from .hooks import tome_subclass
 SUPPORTED_NORMS = ("layer_norm", "ada_norm_zero", "ada_norm_single")
 
 
+class NoMergeWarning(UserWarning):
+    """A forward pass of a model patched with ratio > 0 merged no token at all."""
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> Optional[Tensor]:
     for value in (*args, *kwargs.values()):
         if isinstance(value, Tensor):
@@ -36,16 +52,86 @@ def _first_tensor(args: tuple, kwargs: dict) -> Optional[Tensor]:
     return None
 
 
-def downsample_level(latent_tokens: int, tokens: int) -> int:
-    """ceil(sqrt(latent_tokens / tokens)) in integers: the smallest d with d * d * tokens
-    >= latent_tokens (no float rounding at exact squares)."""
-    ratio = -(-latent_tokens // tokens)
-    return math.isqrt(ratio - 1) + 1
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def level_grid(latent_size: Tuple[int, int], downsample: int) -> Tuple[int, int]:
+    """The (h, w) grid of an (H, W) latent downsampled ``downsample`` times, as a UNet's
+    stride-2, padding-1 convolutions do it: ceil(H / d) x ceil(W / d) (each halving rounds
+    up, and ceil(ceil(H / 2) / 2) = ceil(H / 4))."""
+    height, width = latent_size
+    return _ceil_div(height, downsample), _ceil_div(width, downsample)
+
+
+def downsample_level(latent_size: Tuple[int, int], tokens: int) -> Optional[int]:
+    """The smallest power of two d (1, 2, 4, ...) whose ``level_grid`` has ``tokens``
+    tokens, or None when none has (tokens that do not come from this latent's grid).
+
+    The count strictly falls as d doubles until the grid is 1x1, so d is unique but for a
+    single token, which every d >= max(H, W) gives: the smallest is taken (a one-token
+    block never merges anyway)."""
+    downsample = 1
+    while True:
+        height, width = level_grid(latent_size, downsample)
+        if height * width == tokens:
+            return downsample
+        if height * width < tokens or height * width == 1:
+            return None
+        downsample *= 2
+
+
+_INTERNAL_DIRS = tuple(os.path.dirname(path) + os.sep for path in (os.path.dirname(__file__), torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package and
+    torch (the user's call of the model), however many hook and wrapper frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class BlockCall(NamedTuple):
+    """One patched block's call in a pass: its N ``tokens``, its downsampling ``level``
+    (None without a latent size: a square grid was assumed), its (h, w) ``grid`` (None when
+    not needed), and the tokens it merged away, ``r`` (0: its output is diffusers' own)."""
+    tokens: int
+    level: Optional[int]
+    grid: Optional[Tuple[int, int]]
+    r: int
+    why: str = ""  # why r is 0: "parts", "few", "deep" or "window"
+
+
+class DiffusionPass:
+    """One forward pass of a patched model, in one thread.
+
+    Attributes:
+        recorded_size: the (H, W) of the model's 4-D first input (the latent), or None.
+        blocks: a ``BlockCall`` per patched block call, in call order.
+    """
+
+    def __init__(self, recorded_size: Optional[Tuple[int, int]]):
+        self.recorded_size = recorded_size
+        self.blocks: List[BlockCall] = []
+        self.generators: Dict[torch.device, torch.Generator] = {}
+
+    @property
+    def merged(self) -> bool:
+        return any(call.r > 0 for call in self.blocks)
 
 
 class DiffusionState:
-    """The settings of a patched model, and what its blocks share during one forward pass:
-    the latent size seen by the model and one seeded generator per device."""
+    """What the patched blocks of one model share: the settings (plain attributes, shared by
+    every thread, copied by ``copy.deepcopy`` and saved by ``torch.save`` with the model)
+    and, per thread, the passes now running and the last one that ended (neither copied
+    nor saved: a copy starts with no pass, as a fresh model does).
+
+    Attributes read after a forward pass (of the thread that reads them):
+        last_pass: the ``DiffusionPass`` of this thread's last forward, or None.
+        recorded_size: its latent (H, W), or None.
+    """
 
     def __init__(self, ratio: float, *, sx: int, sy: int, max_downsample: int, random_dst: bool, seed: int,
                  merge_attn: bool, merge_crossattn: bool, merge_mlp: bool,
@@ -60,64 +146,182 @@ class DiffusionState:
         self.merge_mlp = merge_mlp
         self.latent_size = latent_size
         self.backend = backend
-        # Set by the patch function: the pre-hook's handle, and how to restore the model.
-        self.hook = None
+        # Set by the patch function: the hooks' handles, and how to restore the model.
+        self.hooks = ()
         self.undo = None
-        self.begin(None)
+        self._fresh()
 
-    def begin(self, recorded_size: Optional[Tuple[int, int]]) -> None:
-        """Start a forward pass of the patched model: every pass draws the same random
-        destinations for a given seed."""
-        self.recorded_size = recorded_size
-        self._generators: Dict[torch.device, torch.Generator] = {}
+    def _fresh(self) -> None:
+        self._threads = threading.local()
+        # The NoMergeWarning reasons already given: each is said once per patched model.
+        self._warned = set()
+
+    def __getstate__(self) -> dict:
+        # A threading.local can be neither pickled nor deep-copied; a copy or a loaded
+        # model is a new model, which starts with no pass and warns afresh.
+        state = dict(self.__dict__)
+        del state["_threads"], state["_warned"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fresh()
+
+    def _open_passes(self) -> List[DiffusionPass]:
+        passes = getattr(self._threads, "passes", None)
+        if passes is None:
+            passes = self._threads.passes = []
+        return passes
+
+    @property
+    def last_pass(self) -> Optional[DiffusionPass]:
+        return getattr(self._threads, "last_pass", None)
+
+    @property
+    def recorded_size(self) -> Optional[Tuple[int, int]]:
+        last = self.last_pass
+        return None if last is None else last.recorded_size
 
     def start_pass(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The patched model's forward pre-hook: a 4-D first input is the latent (B, C, H, W)."""
+        """The patched model's forward pre-hook: opens a pass; a 4-D first input is the
+        latent (B, C, H, W). Every pass seeds its own generators, so every pass draws the
+        same random destinations for a given seed."""
         first = _first_tensor(args, kwargs)
-        self.begin(tuple(first.shape[-2:]) if first is not None and first.dim() == 4 else None)
+        self._open_passes().append(DiffusionPass(tuple(first.shape[-2:]) if first is not None and first.dim() == 4
+                                                 else None))
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def end_pass(self, _model: nn.Module, _args: tuple, _kwargs: dict, output) -> None:
+        """The patched model's forward hook (always called, also when the forward raised):
+        closes this thread's innermost pass and warns if it merged nothing."""
+        passes = self._open_passes()
+        if not passes:  # a pre-hook registered before ours raised, so ours never ran
+            return
+        finished = passes.pop()
+        self._threads.last_pass = finished
+        # The output is None when the forward raised: the pass did not run to its end.
+        if output is not None:
+            self._warn_if_nothing_merged(finished)
 
-    def grid(self, tokens: int) -> Optional[Tuple[int, int]]:
-        """The (h, w) grid of a block's ``tokens`` hidden states, or None when the block is
-        deeper than ``max_downsample`` and is not merged."""
-        size = self.latent_size or self.recorded_size
+    def plan(self, hidden_states: Tensor) -> Optional[MergePlan]:
+        """This block call's merge plan, or None when nothing merges (the block then runs
+        diffusers' own forward, so its output is bit-identical to the unpatched block)."""
+        if self.ratio == 0:
+            return None
+        passes = self._open_passes()
+        if passes:
+            return self._plan(hidden_states, passes[-1])
+        # A patched block called by itself, not through the patched model: a pass of its own.
+        alone = DiffusionPass(None)
+        plan = self._plan(hidden_states, alone)
+        self._threads.last_pass = alone
+        self._warn_if_nothing_merged(alone)
+        return plan
+
+    def _plan(self, hidden_states: Tensor, now: DiffusionPass) -> Optional[MergePlan]:
+        checks.check_tensor("hidden_states", hidden_states, (3,), "(B, N, C)")
+        tokens = hidden_states.shape[1]
+        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
+            now.blocks.append(BlockCall(tokens, None, None, 0, "parts"))
+            return None
+        r = int(tokens * self.ratio)
+        if r == 0:
+            # Decided before the grid, so a block that could not merge needs no latent size.
+            now.blocks.append(BlockCall(tokens, None, None, 0, "few"))
+            return None
+        level, grid = self.grid(tokens, now.recorded_size)
+        if level is not None and level > self.max_downsample:
+            now.blocks.append(BlockCall(tokens, level, grid, 0, "deep"))
+            return None
+        generator = None
+        if self.random_dst:
+            device = hidden_states.device
+            if device not in now.generators:
+                now.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            generator = now.generators[device]
+        plan = grid_match(hidden_states, r, grid, stride=self.stride, random_dst=self.random_dst,
+                          generator=generator, backend=self.backend)
+        now.blocks.append(BlockCall(tokens, level, grid, plan.r, "" if plan.r > 0 else "window"))
+        return plan if plan.r > 0 else None
+
+    def grid(self, tokens: int, recorded_size: Optional[Tuple[int, int]] = None
+             ) -> Tuple[Optional[int], Tuple[int, int]]:
+        """(level, (h, w)): the downsampling level and row-major grid of a block's ``tokens``
+        hidden states, from ``latent_size`` or else the ``recorded_size`` of the pass.
+        Without either, a square N is taken as a sqrt(N) x sqrt(N) grid of unknown level
+        (None, merged whatever max_downsample).
+
+        Raises:
+            ValueError: N is not square and there is no latent size, or no power-of-two
+                downsampling of the latent has N tokens (the tokens come from another grid).
+        """
+        size = self.latent_size or recorded_size
         if size is None:
             side = math.isqrt(tokens)
             if side * side != tokens:
                 raise ValueError(f"a block has N={tokens} hidden states, not a square grid, and the model's first "
                                  "input was not a 4-D latent (B, C, H, W): patch it with latent_size=(H, W)")
-            return side, side
-        height, width = size
-        level = downsample_level(height * width, tokens)
-        if level > self.max_downsample:
-            return None
-        grid = (-(-height // level), -(-width // level))
-        if grid[0] * grid[1] != tokens:
-            raise ValueError(f"a block has N={tokens} hidden states, but the latent {height}x{width} downsampled by "
-                             f"{level} is a {grid[0]}x{grid[1]} grid of {grid[0] * grid[1]} tokens: give the size of "
-                             "the latent these tokens come from as latent_size=(H, W)")
-        return grid
+            return None, (side, side)
+        level = downsample_level(size, tokens)
+        if level is None:
+            source = "latent_size" if self.latent_size else "the model's input latent"
+            counts, downsample = [], 1
+            while not counts or counts[-1][1] * counts[-1][2] > max(tokens, 1):
+                counts.append((downsample, *level_grid(size, downsample)))
+                downsample *= 2
+            listed = ", ".join(f"d={d}: {h}x{w}={h * w}" for d, h, w in counts)
+            raise ValueError(
+                f"a block has N={tokens} hidden states, but no power-of-two downsampling d of {source} "
+                f"{size[0]}x{size[1]} has that many tokens (ceil(H/d) x ceil(W/d): {listed}): give the (h, w) grid "
+                "these tokens come from as latent_size (for a patch embedding of patch size p, the latent's size "
+                "divided by p)")
+        return level, level_grid(size, level)
 
-    def plan(self, hidden_states: Tensor) -> Optional[MergePlan]:
-        """This block call's merge plan, or None when nothing merges (the block then runs
-        diffusers' own forward, so its output is bit-identical to the unpatched block)."""
-        if self.ratio == 0 or not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
-            return None
-        checks.check_tensor("hidden_states", hidden_states, (3,), "(B, N, C)")
-        tokens = hidden_states.shape[1]
-        r = int(tokens * self.ratio)
-        grid = self.grid(tokens) if r > 0 else None
-        if grid is None:
-            return None
-        generator = self.generator(hidden_states.device) if self.random_dst else None
-        plan = grid_match(hidden_states, r, grid, stride=self.stride, random_dst=self.random_dst,
-                          generator=generator, backend=self.backend)
-        return plan if plan.r > 0 else None
+    def _warn_if_nothing_merged(self, finished: DiffusionPass) -> None:
+        if self.ratio == 0 or finished.merged:
+            return
+        reason, message = self._why_nothing_merged(finished)
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        warnings.warn(f"tome_kernels.patch.diffusion(ratio={self.ratio}): a forward pass merged no token: {message}",
+                      NoMergeWarning, stacklevel=_user_stacklevel())
 
+    def _why_nothing_merged(self, finished: DiffusionPass) -> Tuple[str, str]:
+        """(reason, explanation) for a pass that merged nothing, from the block call the
+        user most expects to merge: the one with the most tokens (the highest resolution)."""
+        if not finished.blocks:
+            return "no block", "no patched block ran in it"
+        call = max(finished.blocks, key=lambda c: c.tokens)
+        if call.why == "parts":
+            return "parts", ("merge_attn, merge_crossattn and merge_mlp are all False; set one (merge_attn=True "
+                             "merges the self-attention, tomesd's default)")
+        if call.why == "few":
+            return "few", (f"r = int(N * ratio) is 0 in every block: the most tokens a block had is N={call.tokens}, "
+                           f"and N * ratio < 1")
+        if call.why == "window":
+            sy, sx = self.stride
+            height, width = call.grid
+            return "window", (f"the highest-resolution block's {call.tokens} tokens are a {height}x{width} grid, "
+                              f"which with sy={sy}, sx={sx} has no token to merge (a grid with fewer than sy rows or "
+                              "sx columns has no whole window to hold a destination, and sy = sx = 1 makes every "
+                              "token a destination); give a smaller sy / sx that leaves windows of 2 tokens or more")
+        height, width = call.grid
+        size = self.latent_size or finished.recorded_size
+        message = (f"no patched block ran at a downsampling <= max_downsample={self.max_downsample}: the highest-"
+                   f"resolution one ran at downsampling {call.level} ({call.tokens} tokens, "
+                   f"the {size[0]}x{size[1]} latent as a {height}x{width} grid); patch with max_downsample="
+                   f"{call.level} to merge there (a UNet's level {call.level}, or a transformer's patch embedding of "
+                   f"patch size {call.level} such as DiT's or PixArt's, which latent_size=({height}, {width}), its "
+                   "patch grid, makes level 1)")
+        if self.latent_size is not None:
+            recorded = finished.recorded_size
+            if recorded is not None and tuple(recorded) != self.latent_size:
+                message += (f"; latent_size={self.latent_size} is not the model's input latent "
+                            f"{recorded[0]}x{recorded[1]}: is it in image pixels? latent_size is the latent's (H, W)")
+            else:
+                message += (f"; if latent_size={self.latent_size} is in image pixels, give the latent's (H, W) instead "
+                            "(the image's size / 8 for Stable Diffusion's VAE)")
+        return "deep", message
 
 class _ToMeBasicTransformerBlock:
     """BasicTransformerBlock.forward, with merging wherever a plan is made."""
@@ -223,6 +427,15 @@ def _check_ratio(ratio) -> float:
     return float(ratio)
 
 
+def _check_max_downsample(max_downsample) -> int:
+    value = checks.check_int("max_downsample", max_downsample, 1)
+    # A block's level is always a power of two; 3 would silently act as 2.
+    if value & (value - 1):
+        raise ValueError(f"max_downsample must be a power of two (1, 2, 4, 8, ...), as a block's downsampling level "
+                         f"is, got {value}")
+    return value
+
+
 def _check_seed(seed) -> int:
     if not checks.is_int(seed):
         raise TypeError(f"seed must be a Python int, got {type(seed).__name__}: {seed!r}")
@@ -286,7 +499,8 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
             tokens that are not destinations).
         sx, sy: the stride of the partition: one destination per sy x sx window.
         max_downsample: merge only in blocks whose tokens are the latent downsampled at most
-            this much (1: only the highest resolution).
+            this much: a power of two (1: only the highest resolution; 2, 4, 8 go deeper). A
+            block's level is the smallest power of two d with ceil(H / d) * ceil(W / d) == N.
         random_dst: each window's destination at a random offset (else its top-left token).
         seed: seeds the random destinations at the start of every forward of ``model``.
         merge_attn, merge_crossattn, merge_mlp: which parts run on the merged tokens.
@@ -296,13 +510,21 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
 
     A patched model patched again is first restored, so the new settings replace the old.
     ``tome_kernels.patch.remove(model)`` undoes the patch.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named in the message), an unsupported block, or
+            a model with none; the model is then left as it was.
+
+    At call time, a block raises a ValueError when its N tokens are no power-of-two
+    downsampling of the latent (give ``latent_size``), and a forward pass with ratio > 0
+    that merges nothing warns with a ``NoMergeWarning`` saying why, once per reason.
     """
     from . import remove
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     settings = dict(
         sx=checks.check_int("sx", sx, 1), sy=checks.check_int("sy", sy, 1),
-        max_downsample=checks.check_int("max_downsample", max_downsample, 1),
+        max_downsample=_check_max_downsample(max_downsample),
         random_dst=checks.check_flag("random_dst", random_dst), seed=_check_seed(seed),
         merge_attn=checks.check_flag("merge_attn", merge_attn),
         merge_crossattn=checks.check_flag("merge_crossattn", merge_crossattn),
@@ -315,7 +537,10 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
     remove(model)
     state = DiffusionState(ratio, **settings)
     state.undo = remove_diffusion
-    state.hook = model.register_forward_pre_hook(state.start_pass, with_kwargs=True)
+    # Bound methods of the state, not closures: a deep copy of the model gets hooks bound to
+    # the copy's state, and pickle saves them by reference to it.
+    state.hooks = (model.register_forward_pre_hook(state.start_pass, with_kwargs=True),
+                   model.register_forward_hook(state.end_pass, with_kwargs=True, always_call=True))
     for block in blocks:
         block._tome_diffusion = state
         block.__class__ = tome_subclass(type(block), _ToMeBasicTransformerBlock)
@@ -326,7 +551,8 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
 def remove_diffusion(model: nn.Module) -> None:
     """Undo ``patch_diffusion`` on ``model``."""
     state = model._tome_state
-    state.hook.remove()
+    for handle in state.hooks:
+        handle.remove()
     for module in model.modules():
         if getattr(module, "_tome_diffusion", None) is state:
             module.__class__ = type(module)._tome_original_class

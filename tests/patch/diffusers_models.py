@@ -1,0 +1,151 @@
+"""Tiny random-weight diffusers models, inputs and runners shared by the diffusion patch's
+test modules (tests/patch/test_patch_diffusion*.py). Skips the importing module when
+diffusers is not installed."""
+
+import contextlib
+
+import pytest
+import torch
+
+from tome_kernels.patch.diffusion import NoMergeWarning
+
+diffusers_import_utils = pytest.importorskip("diffusers.utils.import_utils")
+
+
+@contextlib.contextmanager
+def diffusers_without_transformers():
+    """diffusers' model classes import its loaders, which import transformers' image
+    processors when transformers is installed; with the torchvision stand-in that conftest
+    gives timm, transformers takes torchvision for present and those imports fail. No test
+    here uses a loader, so diffusers is told, while its models import, that transformers is
+    absent (a flag of diffusers 0.42's import_utils, read when a module imports)."""
+    available = diffusers_import_utils._transformers_available
+    diffusers_import_utils._transformers_available = False
+    try:
+        yield
+    finally:
+        diffusers_import_utils._transformers_available = available
+
+
+with diffusers_without_transformers():
+    from diffusers import (  # noqa: F401 (Transformer2DModel: for the test modules)
+        DiTTransformer2DModel,
+        PixArtTransformer2DModel,
+        Transformer2DModel,
+        UNet2DConditionModel,
+    )
+    from diffusers.models.attention import BasicTransformerBlock
+
+DIM, CONTEXT_DIM = 32, 24
+
+# Every test module of the diffusion patch fails on a NoMergeWarning it does not expect.
+NO_UNEXPECTED_NO_OPS = pytest.mark.filterwarnings(f"error::{NoMergeWarning.__module__}.NoMergeWarning")
+
+
+@pytest.fixture
+def one_thread():
+    """The models here are tiny: a second intra-op thread costs more than it saves, and on a
+    busy machine many times more (measured: 35 s against 4 s for test_patch_diffusion.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_block(**kwargs):
+    torch.manual_seed(0)
+    return BasicTransformerBlock(DIM, 2, 16, cross_attention_dim=CONTEXT_DIM, **kwargs).eval()
+
+
+def make_unet():
+    # Transformer blocks at two resolutions: the latent's (ds = 1) and half of it (ds = 2).
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+def sd_unet():
+    """Stable Diffusion's layout, tiny: attention at downsampling 1, 2 and 4 on the way down
+    and up, none at 8 but in the mid block (which runs at 8)."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 8, 8, 8),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=8,
+    ).eval()
+
+
+def sdxl_unet():
+    """SDXL's layout, tiny: no attention at the latent's resolution, attention at 2 and 4."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 8, 8),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=8,
+    ).eval()
+
+
+def sd_inputs(height, width, batch=1, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, height, width, generator=generator), torch.tensor([5] * batch),
+            torch.randn(batch, 3, 16, generator=generator))
+
+
+def dit(patch_size=2, sample_size=8):
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=1,
+                                 sample_size=sample_size, patch_size=patch_size, num_embeds_ada_norm=10).eval()
+
+
+def dit_inputs(height=8, width=8):
+    sample = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(5))
+    return (sample,), dict(timestep=torch.tensor([1, 2]), class_labels=torch.tensor([0, 3]))
+
+
+def pixart(sample_size=8):
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    num_layers=1, norm_num_groups=8, cross_attention_dim=16, sample_size=sample_size,
+                                    patch_size=2, caption_channels=12).eval()
+
+
+def pixart_inputs(height=8, width=8):
+    generator = torch.Generator().manual_seed(6)
+    sample = torch.randn(2, 4, height, width, generator=generator)
+    return (sample,), dict(encoder_hidden_states=torch.randn(2, 3, 12, generator=generator),
+                           timestep=torch.tensor([1, 2]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def tokens(n=64, batch=2, seed=1):
+    return torch.randn(batch, n, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def context(batch=2):
+    return torch.randn(batch, 5, CONTEXT_DIM, generator=torch.Generator().manual_seed(2))
+
+
+def run(model, *args, **kwargs):
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    return getattr(out, "sample", out)
+
+
+def unet_inputs(height=16, width=12):
+    sample = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(4))
+    return sample, torch.tensor([10, 500]), context()
+
+
+def record_tokens(model, part="attn1"):
+    """Token count each block's ``part`` receives, by block name, filled as the model runs."""
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            getattr(module, part).register_forward_pre_hook(
+                lambda _m, args, name=name: seen.__setitem__(name, args[0].shape[1]))
+    return seen
