@@ -6,18 +6,21 @@ output (after BERT's post-norm residual) before the feed-forward part; a forward
 key projection hands the keys (B, H, N, Dh) to the merge. [CLS] is token 0 and is never
 merged away.
 
-Padding: a forward pre-hook on the model reads the 2-D ``attention_mask`` and starts the
-pass with size 1 at real tokens and ``PADDING_SIZE`` at padded ones. The merge then keeps
-padding out of the matching (NaN keys: never a source before the real tokens, never a
-destination) and moves the real tokens ahead of the padding after each merge, so a sentence
-in a padded batch merges exactly as it would alone (tested). After the first merge the
-attention mask is rebuilt from the sizes, so padding is never attended to nor pooled.
+The model itself becomes a subclass too, whose forward starts each pass: it reads the 2-D
+``attention_mask`` and starts with size 1 at real tokens and ``PADDING_SIZE`` at padded
+ones. Being the forward (not a hook), it also runs when a library calls ``model.forward``
+directly, as sentence-transformers does. The merge keeps padding out of the matching (NaN
+keys: never a source before the real tokens, never a destination), and moves the real tokens
+ahead of the padding before the first merge (so with left padding [CLS] is still the
+protected token 0) and after each one, so a sentence in a padded batch merges exactly as it
+would alone, with either padding side (tested). After the first merge the attention mask is
+rebuilt from the sizes, so padding is never attended to nor pooled.
 
 ``method="pitome"`` matches with PiToMe instead (``pitome_match``'s ``real`` mask gives each
 sentence of a padded batch the roles it would have alone).
 """
 
-import functools
+import inspect
 from typing import List, Optional
 
 import torch
@@ -26,26 +29,13 @@ from torch import Tensor, nn
 from ..backends import check_backend_name
 from ..checks import check_flag
 from ..methods import PITOME_MARGIN
-from .hooks import capture_keys, tome_subclass
+from .hooks import KeyCapture, original_class, remove_hooks, tome_subclass
 from .options import check_method
 from .schedule import RSchedule, r_per_block
 from .state import PADDING_SIZE, ToMeState
 
 # The attention interfaces that take an additive float mask of shape (B, 1, 1, N).
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
-
-
-def _split_heads(keys: Tensor, head_dim: int) -> Tensor:
-    """(B, N, H * Dh) -> (B, H, N, Dh), a view."""
-    return keys.view(*keys.shape[:-1], -1, head_dim).transpose(1, 2)
-
-
-class _PassStart:
-    """Set by the model's pre-hook, taken by the first layer: a layer stack run without the
-    model's forward (``model.encoder(...)``) would otherwise reuse the last pass's sizes."""
-
-    def __init__(self):
-        self.pending = False
 
 
 class _ToMeBertLayer:
@@ -56,10 +46,12 @@ class _ToMeBertLayer:
                 past_key_values=None, **kwargs) -> Tensor:
         state: ToMeState = self._tome_state
         if self._tome_index == 0:
-            if not self._tome_pass.pending:
+            # Without the model's forward (``model.encoder(...)``) the pass would reuse the
+            # last pass's sizes, or miss the padding of this one.
+            if not state.started:
                 raise RuntimeError("a ToMe-patched BERT must be called through the patched model itself (its "
-                                   "forward pre-hook reads the attention mask), not through model.encoder")
-            self._tome_pass.pending = False
+                                   "forward reads the attention mask), not through model.encoder")
+            state.started = False
         if encoder_hidden_states is not None or past_key_values is not None:
             raise ValueError("a ToMe-patched BERT is an encoder: encoder_hidden_states and past_key_values "
                              "must be None")
@@ -87,17 +79,26 @@ def _attention_implementation(layer: nn.Module) -> str:
     return getattr(layer.attention.self.config, "_attn_implementation", None) or "eager"
 
 
+class _ToMeBertModel:
+    """BertModel.forward, after starting the pass with the sizes the attention mask gives."""
+
+    def forward(self, *args, **kwargs):
+        _begin_pass(self, args, kwargs)
+        return super().forward(*args, **kwargs)
+
+
 def _begin_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook on the model: start the pass with the sizes the mask gives."""
+    """Start the pass of ``model(*args, **kwargs)`` with the sizes the mask gives."""
     state: ToMeState = model._tome_state
     layers = model.encoder.layer
     implementation = _attention_implementation(layers[0])
     if implementation not in _SUPPORTED_ATTENTION:
         raise ValueError(f"a ToMe-patched BERT runs with attn_implementation 'eager' or 'sdpa', not {implementation!r}")
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    tokens = kwargs.get("input_ids", args[0] if args else None)
+    call = inspect.signature(original_class(model).forward).bind(model, *args, **kwargs).arguments
+    mask = call.get("attention_mask")
+    tokens = call.get("input_ids")
     if tokens is None:
-        tokens = kwargs.get("inputs_embeds", args[4] if len(args) > 4 else None)
+        tokens = call.get("inputs_embeds")
     size = None
     if mask is not None:
         if mask.dim() != 2:
@@ -108,7 +109,7 @@ def _begin_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
             size = torch.where(real, 1.0, PADDING_SIZE).to(torch.float32)[..., None]
     num_tokens = mask.shape[1] if mask is not None else (tokens.shape[1] if tokens is not None else 0)
     state.begin(size, num_tokens)
-    model._tome_pass.pending = True
+    state.started = True
 
 
 def _check_model(model) -> List[nn.Module]:
@@ -177,31 +178,26 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
     state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=prop_attn,
                       trace_source=trace_source, backend=backend, options=options)
     state.undo = remove_bert
-    start = _PassStart()
     for index, layer in enumerate(layers):
         attention = layer.attention.self
         layer._tome_state = state
         layer._tome_index = index
-        layer._tome_pass = start
-        layer._tome_key_hook = capture_keys(
-            attention.key, state, to_heads=functools.partial(_split_heads, head_dim=attention.attention_head_size))
+        attention.key.register_forward_hook(KeyCapture(state, head_dim=attention.attention_head_size))
         layer.__class__ = tome_subclass(type(layer), _ToMeBertLayer)
     model._tome_state = state
-    model._tome_pass = start
-    model._tome_mask_hook = model.register_forward_pre_hook(_begin_pass, with_kwargs=True)
+    model.__class__ = tome_subclass(type(model), _ToMeBertModel)
     return model
 
 
 def remove_bert(model: nn.Module) -> None:
     """Undo ``patch_bert`` on ``model``."""
     for layer in model.encoder.layer:
-        original = getattr(type(layer), "_tome_original_class", None)
-        if original is not None:
-            layer._tome_key_hook.remove()
-            layer.__class__ = original
-            del layer._tome_state, layer._tome_index, layer._tome_pass, layer._tome_key_hook
-    model._tome_mask_hook.remove()
-    del model._tome_state, model._tome_pass, model._tome_mask_hook
+        if original_class(layer) is not type(layer):
+            remove_hooks(layer.attention.self.key, KeyCapture)
+            layer.__class__ = original_class(layer)
+            del layer._tome_state, layer._tome_index
+    model.__class__ = original_class(model)
+    del model._tome_state
 
 
 def mean_pool(model: nn.Module, hidden_states: Tensor) -> Tensor:

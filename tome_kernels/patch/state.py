@@ -5,12 +5,20 @@ A patched block cannot pass sizes or source maps to the next block through its r
 block resets them, every block reads and updates them, and the caller can read them after
 the forward pass (``tome_kernels.patch.get_state(model)``).
 
+What one forward pass keeps (sizes, source map, the keys handed from an attention to its
+merge) is kept per thread: two threads calling one patched model each see their own pass, as
+they would with the unpatched model, and ``get_state`` reads the last pass of the thread that
+asks. The settings (r, the method, the flags) are plain attributes, shared by all threads,
+copied by ``copy.deepcopy`` and saved by ``torch.save``; the per-thread part is neither (a
+copy starts with no pass, as a fresh model does).
+
 The state also runs each block's matching by the model's method (``options.py``): ToMe's
 bipartite matching, PiToMe's energy-protected matching, or DSM (windows of the patch grid
 at its first merging block, ToMe's matching after it); every method's plan is applied by
 the same size-weighted merge.
 """
 
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -31,10 +39,23 @@ PADDING_SIZE = 1e-6
 VALID_SIZE = 0.5
 
 
+def _per_thread(name: str, default=None, doc: str = "") -> property:
+    """An attribute of ``ToMeState`` that each thread reads and writes on its own. A plain
+    property over a ``threading.local``, which torch.compile traces without a graph break."""
+
+    def get(self):
+        return getattr(self._threads, name, default)
+
+    def set(self, value):
+        setattr(self._threads, name, value)
+
+    return property(get, set, doc=doc)
+
+
 class ToMeState:
     """What the blocks of one patched model share.
 
-    Attributes read after a forward pass:
+    Attributes read after a forward pass (of the thread that reads them):
         r: tokens each block asks to remove (each block clamps it to what it has).
         size: (B, N_now, 1) float32 sizes of the current tokens, or None before any merge.
         token_map: with ``trace_source``, (B, N_input) int64: the row of the current tokens
@@ -42,6 +63,17 @@ class ToMeState:
         num_input_tokens: N at the first block of the last forward pass.
         options: the matching method and its options (``MethodOptions``).
     """
+
+    # One forward pass's bookkeeping, per thread (see the module docstring).
+    size = _per_thread("size", doc="(B, N_now, 1) sizes of the current tokens, or None")
+    padded = _per_thread("padded", False, "whether the pass started with padded tokens")
+    merged = _per_thread("merged", False, "whether any block of the pass has merged yet")
+    token_map = _per_thread("token_map", doc="(B, N_input) int64 rows of the current tokens, or None")
+    num_input_tokens = _per_thread("num_input_tokens", 0, "N at the first block of the pass")
+    keys = _per_thread("keys", doc="the keys the last attention handed over, taken by its merge")
+    block = _per_thread("block", 0, "the block now merging: PiToMe's margin and DSM's onset depend on it")
+    grid_size = _per_thread("grid_size", doc="DSM: the (height, width) patch grid of the pass")
+    started = _per_thread("started", False, "BERT: the model's forward started the pass, no layer ran yet")
 
     def __init__(self, r: List[int], *, class_token: bool, distill_token: bool, prop_attn: bool,
                  trace_source: bool, backend: str, options: MethodOptions = MethodOptions()):
@@ -52,13 +84,24 @@ class ToMeState:
         self.trace_source = trace_source
         self.backend = backend
         self.options = options
-        # Set by each patched block before it merges: PiToMe's margin and DSM's onset depend on it.
-        self.block = 0
-        # DSM: the (height, width) patch grid of the current pass, set by a hook on the patch embedding.
-        self.grid_size: Optional[Tuple[int, int]] = None
         # Set by the patch function: how to restore the model (tome_kernels.patch.remove).
         self.undo = None
-        self.begin(None)
+        self._threads = threading.local()
+
+    def __getstate__(self) -> dict:
+        # A threading.local can be neither pickled nor deep-copied; a copy starts with no pass.
+        state = dict(self.__dict__)
+        del state["_threads"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._threads = threading.local()
+
+    @property
+    def any_merging(self) -> bool:
+        """Whether any block's r is above 0 (each block may still clamp its r to 0)."""
+        return any(r > 0 for r in self.r)
 
     def begin(self, size: Optional[Tensor], num_input_tokens: int = 0) -> None:
         """Start a forward pass. ``size`` is None (all ones) or, for padded batches, the
@@ -66,9 +109,9 @@ class ToMeState:
         self.size = size
         self.padded = size is not None
         self.merged = False
-        self.token_map: Optional[Tensor] = None
+        self.token_map = None
         self.num_input_tokens = num_input_tokens
-        self.keys: Optional[Tensor] = None
+        self.keys = None
 
     def attention_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
         """The additive (B, 1, 1, N) attention mask for the current tokens, or None when no
@@ -98,6 +141,10 @@ class ToMeState:
         if keys is None:
             raise RuntimeError("tome_kernels: the patched attention did not record its keys this pass")
         if self.padded:
+            if not self.merged:
+                # Padding may come first (left padding): the protected class token must be
+                # the first real token, and A / B must split the real tokens as they would alone.
+                x, keys = self._real_tokens_first(x, keys)
             keys = self._hide_padding(keys)
         plan = self._match(keys, r)
         if plan is None:
@@ -108,7 +155,7 @@ class ToMeState:
             if self.trace_source:
                 self._follow(plan.token_map)
         if self.padded:
-            x = self._real_tokens_first(x)
+            x, _ = self._real_tokens_first(x)
         self.merged = True
         return x
 
@@ -149,15 +196,18 @@ class ToMeState:
         padding = (self.size[..., 0] < VALID_SIZE)[:, None, :, None]
         return keys.masked_fill(padding, float("nan"))
 
-    def _real_tokens_first(self, x: Tensor) -> Tensor:
+    def _real_tokens_first(self, x: Tensor, keys: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Move the real tokens ahead of the padding, each group in its order, so that the
-        next block splits a row's real tokens into A and B as it would with no padding."""
+        next match splits a row's real tokens into A and B as it would with no padding.
+        ``keys`` (B, H, N, Dh), when given, are moved with them."""
         order = torch.argsort((self.size[..., 0] < VALID_SIZE).to(torch.int8), dim=1, stable=True)
         x = x.gather(1, order[..., None].expand_as(x))
         self.size = self.size.gather(1, order[..., None])
-        if self.token_map is not None:
+        if keys is not None:
+            keys = keys.gather(-2, order.view(order.shape[0], *([1] * (keys.dim() - 3)), -1, 1).expand_as(keys))
+        if self.trace_source:
             self._follow(torch.argsort(order, dim=1))
-        return x
+        return x, keys
 
     def source_matrix(self) -> Tensor:
         """The dense (B, N_now, N_input) 0/1 matrix of which input tokens each current token

@@ -5,16 +5,21 @@ Each block becomes a subclass of its own class whose forward merges between the 
 and the MLP; a forward hook on the attention's key normalisation (an Identity unless qk_norm)
 hands the keys to the merge. No module or parameter changes, so the state_dict keeps its
 names while patched and ``remove`` restores the model exactly.
+
+Only what this forward reproduces is patched: timm's ``Block`` with its standard
+``Attention``, neither subclassed with a forward of its own (a replaced forward would be
+silently lost). The model's forward paths either merge or, while any block merges, refuse
+what merging breaks (an attention mask over the input tokens, intermediates as a patch grid).
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from torch import Tensor, nn
 
 from ..backends import check_backend_name
 from ..checks import check_flag
 from ..methods import PITOME_MARGIN
-from .hooks import capture_keys, tome_subclass
+from .hooks import KeyCapture, original_class, remove_hooks, tome_subclass
 from .options import check_method
 from .schedule import RSchedule, dsm_r_per_block, r_per_block
 from .state import ToMeState
@@ -23,10 +28,13 @@ from .state import ToMeState
 class _ToMeBlock:
     """timm's Block.forward with the merge between attention and MLP."""
 
-    def forward(self, x: Tensor, attn_mask=None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         state: ToMeState = self._tome_state
         if attn_mask is not None or is_causal:
-            raise ValueError("a ToMe-patched model takes no attn_mask / is_causal: merging changes the token count")
+            if state.any_merging:
+                raise ValueError(_NO_MASK)
+            # Nothing merges: the block is timm's.
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if self._tome_index == 0:
             state.begin(None, x.shape[1])
         state.block = self._tome_index
@@ -43,24 +51,63 @@ class _ToMeBlock:
 
 _NO_CHECKPOINTING = ("gradient checkpointing recomputes blocks in the backward pass, which would replay "
                      "the merges on the wrong sizes; turn it off to use ToMe")
+_NO_MASK = ("a ToMe-patched model that merges takes no attn_mask / is_causal: the mask is over the input "
+            "tokens, and merging changes the token count")
 
 
 class _ToMeVisionTransformer:
-    """Average pooling weighted by size: a merged token stands for all its patches."""
+    """Average pooling weighted by size (a merged token stands for all its patches), and
+    every forward path checked for what merging breaks before any block runs."""
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
             raise ValueError(_NO_CHECKPOINTING)
         super().set_grad_checkpointing(False)
 
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        self._tome_check_mask(attn_mask, is_causal)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        self._tome_check_mask(attn_mask, is_causal)
+        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        """timm's, with the intermediates as tokens (output_fmt="NLC"): after a merge they
+        are no longer a patch grid, so "NCHW" is refused while any block merges."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        bound = _bind(VisionTransformer.forward_intermediates, self, x, *args, **kwargs)
+        self._tome_check_mask(bound.get("attn_mask"), bound.get("is_causal", False))
+        if self._tome_state.any_merging and bound.get("output_fmt", "NCHW") == "NCHW":
+            raise ValueError("a ToMe-patched model that merges has no patch grid after its first merge: ask for "
+                             "intermediates as tokens (output_fmt='NLC', or reshape=False in "
+                             "get_intermediate_layers), or patch with r=0")
+        return super().forward_intermediates(x, *args, **kwargs)
+
+    def _tome_check_mask(self, attn_mask: Optional[Tensor], is_causal: bool) -> None:
+        if (attn_mask is not None or is_causal) and self._tome_state.any_merging:
+            raise ValueError(_NO_MASK)
+
     def pool(self, x: Tensor, pool_type=None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         weights = self._tome_state.valid_weights()
         if pool_type != "avg" or weights is None:
             return super().pool(x, pool_type)
+        if weights.shape[:2] != x.shape[:2]:
+            raise ValueError(f"x has (B, N) = {tuple(x.shape[:2])}, but this thread's last forward pass of the "
+                             f"patched model ended with {tuple(weights.shape[:2])} tokens: average pooling weights "
+                             "each token by its size, so pool the features of that pass")
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         weights = weights[:, start:].to(x.dtype)
         return (x[:, start:] * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def _bind(function, *args, **kwargs) -> dict:
+    """The arguments of a call to ``function`` by name, defaults left out."""
+    import inspect
+
+    return inspect.signature(function).bind(*args, **kwargs).arguments
 
 
 def _check_model(model: nn.Module) -> List[nn.Module]:
@@ -81,22 +128,40 @@ def _check_model(model: nn.Module) -> List[nn.Module]:
         raise ValueError(f"model has {_NO_CHECKPOINTING}")
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
-        if not isinstance(block, Block) or not isinstance(block.attn, Attention):
-            raise ValueError(f"model.blocks[{i}] is a {type(block).__name__} with {type(block.attn).__name__}: "
-                             "ToMe patches timm's pre-norm Block with its standard Attention")
+        problem = _block_problem(block, Block, Attention)
+        if problem is not None:
+            raise ValueError(f"model.blocks[{i}] {problem}: ToMe patches timm's pre-norm Block with its standard "
+                             "Attention, whose forward it reproduces")
     return blocks
 
 
-def _record_patch_grid(state: ToMeState):
+def _block_problem(block: nn.Module, block_class: type, attention_class: type) -> Optional[str]:
+    """Why ``block`` is not a Block this patch reproduces exactly, or None. A subclass with
+    a forward of its own is refused: the patched forward would replace it without a word."""
+    original = original_class(block)
+    if not issubclass(original, block_class):
+        return f"is a {original.__name__}, not a timm Block"
+    if original.forward is not block_class.forward:
+        return f"is a {original.__name__}, a Block subclass with its own forward"
+    attention = getattr(block, "attn", None)
+    if not isinstance(attention, attention_class):
+        return f"has attention {type(attention).__name__}, not timm's Attention"
+    if type(attention).forward is not attention_class.forward:
+        return f"has attention {type(attention).__name__}, an Attention subclass with its own forward"
+    return None
+
+
+class _PatchGridRecorder:
     """Forward hook on the patch embedding: the (height, width) patch grid of this pass. A
     model built with dynamic_img_size gives it as the shape of its (B, H, W, C) output;
     otherwise the grid is the embedding's fixed one."""
 
-    def record(module, _inputs, out):
-        grid = out.shape[1:3] if out.dim() == 4 else getattr(module, "grid_size", None)
-        state.grid_size = None if grid is None else (int(grid[0]), int(grid[1]))
+    def __init__(self, state: ToMeState):
+        self.state = state
 
-    return record
+    def __call__(self, module: nn.Module, _inputs, out: Tensor) -> None:
+        grid = out.shape[1:3] if out.dim() == 4 else getattr(module, "grid_size", None)
+        self.state.grid_size = None if grid is None else (int(grid[0]), int(grid[1]))
 
 
 def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: float = PITOME_MARGIN,
@@ -150,10 +215,10 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
     for index, block in enumerate(blocks):
         block._tome_state = state
         block._tome_index = index
-        block._tome_key_hook = capture_keys(block.attn.k_norm, state)
+        block.attn.k_norm.register_forward_hook(KeyCapture(state))
         block.__class__ = tome_subclass(type(block), _ToMeBlock)
     if options.method == "dsm":
-        model._tome_grid_hook = model.patch_embed.register_forward_hook(_record_patch_grid(state))
+        model.patch_embed.register_forward_hook(_PatchGridRecorder(state))
     model._tome_state = state
     model.__class__ = tome_subclass(type(model), _ToMeVisionTransformer)
     return model
@@ -162,14 +227,10 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
 def remove_timm(model: nn.Module) -> None:
     """Undo ``patch_timm`` on ``model``."""
     for block in model.blocks:
-        original = getattr(type(block), "_tome_original_class", None)
-        if original is not None:
-            block._tome_key_hook.remove()
-            block.__class__ = original
-            del block._tome_state, block._tome_index, block._tome_key_hook
-    grid_hook = getattr(model, "_tome_grid_hook", None)
-    if grid_hook is not None:
-        grid_hook.remove()
-        del model._tome_grid_hook
-    model.__class__ = type(model)._tome_original_class
+        if original_class(block) is not type(block):
+            remove_hooks(block.attn.k_norm, KeyCapture)
+            block.__class__ = original_class(block)
+            del block._tome_state, block._tome_index
+    remove_hooks(model.patch_embed, _PatchGridRecorder)
+    model.__class__ = original_class(model)
     del model._tome_state
