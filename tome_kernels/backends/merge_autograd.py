@@ -55,7 +55,7 @@ def _merge_in_torch(x: Tensor, size: Optional[Tensor], members: Tensor, row_star
 
 
 def _differentiable_grads(outputs, inputs, grads):
-    """Gradients of ``outputs`` for ``inputs`` (None where not needed), with their graph.
+    """Gradients of ``outputs`` (a tuple) for ``inputs`` (None where not needed), with their graph.
 
     Only the outputs that depend on a wanted input take part: ``autograd.grad`` refuses an
     output without a graph, and the merged size has none when ``size`` needs no gradient
@@ -117,7 +117,8 @@ def register(ops: MergeOps) -> None:
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if torch.is_grad_enabled():  # create_graph=True: this backward must be differentiable
-            (grad_x,) = _differentiable_grads(_merge_in_torch(x, None, members, row_start, ctx.mode), (x,), (grad_out,))
+            merged = _merge_in_torch(x, None, members, row_start, ctx.mode)
+            (grad_x,) = _differentiable_grads((merged,), (x,), (grad_out,))
             return grad_x, None, None, None
         return ops.merge_backward(grad_out, x, out, members, row_start, ctx.mode), None, None, None
 
