@@ -81,6 +81,16 @@ def _default_dtype(dtype):
 
 
 @contextlib.contextmanager
+def _matmul_precision(precision):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@contextlib.contextmanager
 def _deterministic():
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
@@ -159,6 +169,9 @@ MODES = {
     "default float64": lambda: _default_dtype(torch.float64),
     "anomaly": lambda: torch.autograd.detect_anomaly(),
     "deterministic": _deterministic,
+    # TF32 products on CUDA (bfloat16 where oneDNN offers it on CPU): the reference scored in
+    # TF32 on a GPU. (No CPU here computes differently in this mode: there it cannot fail.)
+    "matmul precision medium": lambda: _matmul_precision("medium"),
 }
 
 
@@ -251,3 +264,24 @@ def test_input_gradient_penalty_of_a_patched_vit(backend):
     truth = penalty(model64, None, torch.float64)
     assert bool(got[1].abs().max() > 0)
     assert_within_twice_reference_error(list(got), list(ref), list(truth), msg=backend)
+
+
+@pytest.mark.slow  # two compilations, about a minute on two cores
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=runs_cpu_tensors("cpu"))])
+def test_compiled_under_autocast(backend):
+    # torch.compile traces the autocast switch of the public ops: the compiled function gives
+    # the eager plan and outputs of the same ops without autocast, and the caller's own
+    # product after them is still autocast.
+    x, keys, _ = _inputs(torch.device("cpu"), 65)
+
+    def step(x, keys):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, s = tk.bipartite_merge(x, keys, 8, class_token=True, backend=backend)
+            plan = tk.pitome_match(keys, 8, class_token=True, backend=backend)
+            return y, s, plan.token_map, y @ y.transpose(1, 2)
+
+    y, s, token_map, product = torch.compile(step, fullgraph=True)(x, keys)
+    expected = tk.bipartite_merge(x, keys, 8, class_token=True, backend=backend)
+    assert torch.equal(y, expected[0]) and torch.equal(s, expected[1])
+    assert torch.equal(token_map, tk.pitome_match(keys, 8, class_token=True, backend=backend).token_map)
+    assert product.dtype == torch.bfloat16

@@ -65,6 +65,31 @@ def normalized_metric(metric: Tensor) -> Tensor:
     return m / m.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
+def _ieee_float32_products() -> bool:
+    """Whether float32 matrix products are IEEE (the matmul precision "highest")."""
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+# torch.compile cannot trace a function returning a str: dynamo runs this one at trace time
+# and keeps its answer as a constant (as ``torch.compiler.assume_constant_result`` would,
+# without importing torch._dynamo here: see ``backends.registry._constant_under_compile``).
+_ieee_float32_products._dynamo_marked_constant = True
+
+
+def similarity(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b^T`` of unit rows in the scoring dtype, at IEEE precision whatever
+    ``torch.set_float32_matmul_precision`` says.
+
+    A precision other than "highest" lets PyTorch compute float32 products in TF32 on CUDA
+    (and, where oneDNN offers it, bfloat16 on CPU): scores with a 10-bit mantissa, hence other
+    decisions than the contract's float32 ones. Then the products are made in float64 and
+    rounded once to float32, as exact as a float32 accumulation or more (docs/semantics.md,
+    "Ambient modes")."""
+    if a.dtype == torch.float32 and not _ieee_float32_products():
+        return (a.double() @ b.double().transpose(-1, -2)).float()
+    return a @ b.transpose(-1, -2)
+
+
 def output_rows(n_unm: int, n_b: int, distill_token: bool, device) -> Tuple[Tensor, Tensor]:
     """Output row of each kept A token (in output order) and of each B token."""
     unm_rows = torch.arange(n_unm, device=device)
@@ -97,7 +122,7 @@ def match(metric: Tensor, r: int, class_token: bool = False, distill_token: bool
 
     m = normalized_metric(metric)
     a, b = m[:, ::2], m[:, 1::2]
-    scores = a @ b.transpose(-1, -2)
+    scores = similarity(a, b)
     # NaN never wins a max: it ranks with -inf.
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
     if distill_token:

@@ -27,7 +27,7 @@ from . import bipartite
 def energy(metric: Tensor, margin: float, alpha: float = 1.0, shifted: bool = False) -> Tensor:
     """(B, N) float32 energy of every token of metric (B, N, D) or keys (B, H, N, Dh)."""
     m = bipartite.normalized_metric(metric).float()
-    return energy_of_similarity(m @ m.transpose(-1, -2), margin, alpha, shifted)
+    return energy_of_similarity(bipartite.similarity(m, m), margin, alpha, shifted)
 
 
 def energy_of_similarity(sim: Tensor, margin: float, alpha: float = 1.0, shifted: bool = False) -> Tensor:

@@ -56,7 +56,7 @@ def assign(metric: Tensor, roles: Tensor, window: Optional[Tensor] = None) -> Tu
     """
     m = bipartite.normalized_metric(metric).float()
     roles = roles.expand(m.shape[0], -1)
-    scores = m @ m.transpose(-1, -2)
+    scores = bipartite.similarity(m, m)
     allowed = (roles == DEST)[:, None, :]
     if window is not None:
         window = window.expand(m.shape[0], -1)
