@@ -277,8 +277,13 @@ class DiffusionState:
         return level, level_grid(size, level)
 
     def _warn_if_nothing_merged(self, finished: DiffusionPass) -> None:
-        if self.ratio == 0 or finished.merged:
-            return
+        if self.ratio > 0 and not finished.merged:
+            self._warn_once(finished)
+
+    # Run eagerly under torch.compile: traced, the membership test of _warned was decided
+    # once at trace time and the warning repeated at every compiled call.
+    @torch.compiler.disable
+    def _warn_once(self, finished: DiffusionPass) -> None:
         reason, message = self._why_nothing_merged(finished)
         if reason in self._warned:
             return
