@@ -13,7 +13,7 @@ from typing import Union
 
 from torch import nn
 
-from .bert import mean_pool
+from .bert import mean_pool, sentence_transformer_bert
 from .bert import patch_bert as bert
 from .diffusion import DiffusionState
 from .diffusion import patch_diffusion as diffusion
@@ -22,8 +22,14 @@ from .state import ToMeState
 from .timm_vit import patch_timm as timm
 
 
+def _patched_module(model: nn.Module) -> nn.Module:
+    """The module that holds the patch: a SentenceTransformer's is its BertModel."""
+    inner = sentence_transformer_bert(model)
+    return model if inner is None else inner
+
+
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "_tome_state", None), (ToMeState, DiffusionState))
+    return isinstance(getattr(_patched_module(model), "_tome_state", None), (ToMeState, DiffusionState))
 
 
 def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
@@ -32,14 +38,14 @@ def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
     settings and the latent size of the last forward pass."""
     if not is_patched(model):
         raise ValueError(f"model ({type(model).__name__}) is not patched by tome_kernels.patch")
-    return model._tome_state
+    return _patched_module(model)._tome_state
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo a patch in place and return the model; a model that is not patched is returned
     unchanged."""
     if is_patched(model):
-        get_state(model).undo(model)
+        get_state(model).undo(_patched_module(model))
     return model
 
 

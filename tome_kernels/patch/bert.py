@@ -21,6 +21,8 @@ sentence of a padded batch the roles it would have alone).
 """
 
 import inspect
+import sys
+import warnings
 from typing import List, Optional
 
 import torch
@@ -83,8 +85,59 @@ class _ToMeBertModel:
     """BertModel.forward, after starting the pass with the sizes the attention mask gives."""
 
     def forward(self, *args, **kwargs):
+        state: ToMeState = self._tome_state
+        called, state.called = state.called, False
+        if not called and not state.unmerge_output and not state.warned_direct_call:
+            state.warned_direct_call = True
+            warnings.warn(_DIRECT_CALL, stacklevel=2)
         _begin_pass(self, args, kwargs)
-        return super().forward(*args, **kwargs)
+        out = super().forward(*args, **kwargs)
+        if state.unmerge_output and state.token_map is not None:
+            if isinstance(out, tuple):
+                out = (_unmerged(out[0], state.token_map), *out[1:])
+            else:
+                out.last_hidden_state = _unmerged(out.last_hidden_state, state.token_map)
+        return out
+
+
+_DIRECT_CALL = ("a ToMe-patched BertModel was called through its forward method directly, as sentence-transformers "
+                "does: its last_hidden_state has fewer tokens than the attention mask, so a pooling that reads the "
+                "mask (sentence-transformers' Pooling) falls back to an unweighted mean over merged tokens and "
+                "padding. Patch the SentenceTransformer itself, tome_kernels.patch.bert(sentence_model, r), or pool "
+                "with tome_kernels.patch.mean_pool")
+
+
+class _CallMark:
+    """A forward pre-hook that tells the patched forward it was called through the module
+    (``model(...)``), not as ``model.forward(...)``, which skips hooks."""
+
+    def __init__(self, state: ToMeState):
+        self.state = state
+
+    def __call__(self, _module: nn.Module, _inputs) -> None:
+        self.state.called = True
+
+
+def _unmerged(hidden_states: Tensor, token_map: Tensor) -> Tensor:
+    """(B, N_input, C): each input token takes the state of the merged token it ended in.
+    The mean of these over the real input tokens is the size-weighted mean of the merged
+    tokens, and token 0 is [CLS] (never merged)."""
+    return hidden_states.gather(1, token_map[..., None].expand(-1, -1, hidden_states.shape[-1]))
+
+
+def sentence_transformer_bert(model) -> Optional[nn.Module]:
+    """The transformers model of a sentence-transformers ``SentenceTransformer`` (its first
+    module's ``auto_model``), or None when ``model`` is not one. Looked up without
+    importing sentence-transformers: a model of it exists only once it is imported."""
+    library = sys.modules.get("sentence_transformers")
+    if library is None or not isinstance(model, library.SentenceTransformer):
+        return None
+    first = model[0] if len(model) else None
+    encoder = getattr(first, "auto_model", None)
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"model is a SentenceTransformer whose first module ({type(first).__name__}) holds no "
+                        "transformers model (.auto_model)")
+    return encoder
 
 
 def _begin_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -105,7 +158,10 @@ def _begin_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
             raise ValueError(f"attention_mask must be 2-D (batch, tokens) for a ToMe-patched BERT, got shape "
                              f"{tuple(mask.shape)}: merging changes the token count, so the model builds its own masks")
         real = mask.to(tokens.device if tokens is not None else mask.device) != 0
-        if not bool(real.all()):
+        # Whether the batch has padding is data: torch.compile cannot branch on it, so a
+        # compiled pass takes the padded path for any mask (the same merges: with no
+        # padding, hiding and reordering change nothing).
+        if torch.compiler.is_compiling() or not bool(real.all()):
             size = torch.where(real, 1.0, PADDING_SIZE).to(torch.float32)[..., None]
     num_tokens = mask.shape[1] if mask is not None else (tokens.shape[1] if tokens is not None else 0)
     state.begin(size, num_tokens)
@@ -149,7 +205,8 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
 
     Args:
         model: a transformers ``BertModel`` (encoder: no decoder, no cross-attention), with
-            attn_implementation "eager" or "sdpa".
+            attn_implementation "eager" or "sdpa"; or a sentence-transformers
+            ``SentenceTransformer`` over one (see below).
         r: tokens removed per layer: an int, a per-layer list, or ``(r, inflection)``.
         method: "tome" (ToMe's bipartite matching) or "pitome" (``tome_kernels.pitome_match``
             with margin ``margin * (1 - l / L)`` at layer l of L). DSM needs a patch grid:
@@ -160,10 +217,18 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
         trace_source: keep, per sequence, the final token of every input token
             (``get_state(model).token_map``).
 
-    The patched model takes a 2-D ``attention_mask`` (or none). Its ``last_hidden_state``
-    has fewer tokens than the input; pool it with ``mean_pool(model, last_hidden_state)``,
-    which weights each token by its size and leaves padding out. ``pooler_output`` reads
-    token 0, [CLS], which is never merged away. ``remove(model)`` undoes the patch.
+    The patched model takes a 2-D ``attention_mask`` (or none), padded on either side. Its
+    ``last_hidden_state`` has fewer tokens than the input; pool it with
+    ``mean_pool(model, last_hidden_state)``, which weights each token by its size and leaves
+    padding out. ``pooler_output`` reads token 0, [CLS], which is never merged away.
+
+    A ``SentenceTransformer`` is patched through its BertModel, whose ``last_hidden_state``
+    is then unmerged back to the input tokens (each takes the merged token it ended in), so
+    that the library's pooling over its attention mask is the size-weighted one: ``encode``
+    gives the merged embedding. ``remove(model)`` undoes either patch.
+
+    Raises:
+        TypeError / ValueError: for a model or an argument it cannot take, before any change.
     """
     from . import remove
 
@@ -172,11 +237,15 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
     check_flag("prop_attn", prop_attn)
     check_flag("trace_source", trace_source)
     options = check_method(method, ("tome", "pitome"), margin=margin, alpha=alpha, shifted=shifted)
-    layers = _check_model(model)
+    inner = sentence_transformer_bert(model)
+    encoder = model if inner is None else inner
+    layers = _check_model(encoder)
     schedule = r_per_block(r, len(layers))
-    remove(model)
+    remove(encoder)
+    # Unmerging the output needs the token map.
     state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=prop_attn,
-                      trace_source=trace_source, backend=backend, options=options)
+                      trace_source=trace_source or inner is not None, backend=backend, options=options,
+                      unmerge_output=inner is not None)
     state.undo = remove_bert
     for index, layer in enumerate(layers):
         attention = layer.attention.self
@@ -184,18 +253,20 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
         layer._tome_index = index
         attention.key.register_forward_hook(KeyCapture(state, head_dim=attention.attention_head_size))
         layer.__class__ = tome_subclass(type(layer), _ToMeBertLayer)
-    model._tome_state = state
-    model.__class__ = tome_subclass(type(model), _ToMeBertModel)
+    encoder._tome_state = state
+    encoder.register_forward_pre_hook(_CallMark(state))
+    encoder.__class__ = tome_subclass(type(encoder), _ToMeBertModel)
     return model
 
 
 def remove_bert(model: nn.Module) -> None:
-    """Undo ``patch_bert`` on ``model``."""
+    """Undo ``patch_bert`` on ``model`` (the BertModel)."""
     for layer in model.encoder.layer:
         if original_class(layer) is not type(layer):
             remove_hooks(layer.attention.self.key, KeyCapture)
             layer.__class__ = original_class(layer)
             del layer._tome_state, layer._tome_index
+    remove_hooks(model, _CallMark)
     model.__class__ = original_class(model)
     del model._tome_state
 

@@ -74,10 +74,17 @@ class ToMeState:
     block = _per_thread("block", 0, "the block now merging: PiToMe's margin and DSM's onset depend on it")
     grid_size = _per_thread("grid_size", doc="DSM: the (height, width) patch grid of the pass")
     started = _per_thread("started", False, "BERT: the model's forward started the pass, no layer ran yet")
+    called = _per_thread("called", False, "BERT: the model was called as model(...), whose hooks ran")
 
     def __init__(self, r: List[int], *, class_token: bool, distill_token: bool, prop_attn: bool,
-                 trace_source: bool, backend: str, options: MethodOptions = MethodOptions()):
+                 trace_source: bool, backend: str, options: MethodOptions = MethodOptions(),
+                 unmerge_output: bool = False):
         self.r = r
+        # BERT in a SentenceTransformer: the output is unmerged back to the input tokens, so
+        # that the library's own pooling over its attention mask weights each token by its size.
+        self.unmerge_output = unmerge_output
+        # BERT: the warning that the model was called through its forward directly, given once.
+        self.warned_direct_call = False
         self.class_token = class_token
         self.distill_token = distill_token
         self.prop_attn = prop_attn
@@ -122,7 +129,8 @@ class ToMeState:
         """
         if not self.merged or (not self.prop_attn and not self.padded):
             return None
-        size = self.size[..., 0].to(torch.float32)
+        # At least float32 for the log, and wide enough to hold the most negative value of dtype.
+        size = self.size[..., 0].to(torch.promote_types(dtype, torch.float32))
         bias = size.log() if self.prop_attn else torch.zeros_like(size)
         if self.padded:
             bias = bias.masked_fill(size < VALID_SIZE, torch.finfo(dtype).min)
