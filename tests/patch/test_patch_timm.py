@@ -326,3 +326,133 @@ def test_gradients_flow_through_a_patched_model():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+class _OwnForwardBlock(timm.models.vision_transformer.Block):
+    """The issue's example: a Block subclass whose forward the patch would replace."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal) * 0.5 + 1.0
+
+
+class _SubclassedBlock(timm.models.vision_transformer.Block):
+    """A subclass that keeps Block's forward: patchable."""
+
+
+class _OwnForwardAttention(timm.layers.Attention):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return super().forward(x, attn_mask=None) * 2.0
+
+
+def _with_attention(model, attention_class):
+    for block in model.blocks:
+        block.attn.__class__ = attention_class
+    return model
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: make_model(depth=2, img_size=64, block_fn=_OwnForwardBlock),
+     r"blocks\[0\] is a _OwnForwardBlock, a Block subclass with its own forward"),
+    (lambda: make_model(depth=2, img_size=64, block_fn=timm.models.vision_transformer.ParallelThingsBlock),
+     r"blocks\[0\] is a ParallelThingsBlock, not a timm Block"),
+    (lambda: make_model(depth=2, img_size=64, block_fn=timm.models.vision_transformer.ParallelScalingBlock),
+     r"blocks\[0\] is a ParallelScalingBlock, not a timm Block"),
+    (lambda: _with_attention(make_model(depth=2, img_size=64), _OwnForwardAttention),
+     r"blocks\[0\] has attention _OwnForwardAttention, an Attention subclass with its own forward"),
+])
+@pytest.mark.parametrize("r", [0, 4])
+def test_blocks_the_patch_cannot_reproduce_are_refused(build, words, r):
+    """Refused at any r (at r = 0 the replaced forward used to change the output), before
+    anything changes."""
+    model = build()
+    x = images(2, 64)
+    expected = logits(model, x)
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=words):
+        tome_patch.timm(model, r)
+    assert [type(m) for m in model.modules()] == classes and not tome_patch.is_patched(model)
+    assert torch.equal(logits(model, x), expected)
+
+
+def test_a_block_subclass_keeping_blocks_forward_is_patched():
+    model = make_model(depth=2, img_size=64, block_fn=_SubclassedBlock)
+    x = images(2, 64)
+    expected = logits(model, x)
+    tome_patch.timm(model, 0)
+    assert torch.equal(logits(model, x), expected)
+    tome_patch.timm(model, 5)
+    assert tokens_seen_by_blocks(model, x) == expected_counts(17, [5, 5], 1)
+    assert isinstance(model.blocks[0], _SubclassedBlock)
+
+
+def _intermediates(model, x, **kwargs):
+    with torch.no_grad():
+        return model.forward_intermediates(x, **kwargs)
+
+
+def test_every_forward_path_at_r0_is_the_unpatched_models():
+    model = make_model(depth=3, img_size=64)
+    x = images(2, 64)
+    mask = torch.zeros(17, 17)
+    mask[:, 3] = float("-inf")
+    paths = {
+        "forward": lambda m: m(x),
+        "forward_features": lambda m: m.forward_features(x),
+        "forward_head": lambda m: m.forward_head(m.forward_features(x)),
+        "pre_logits": lambda m: m.forward_head(m.forward_features(x), pre_logits=True),
+        "blocks": lambda m: m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))),
+        "attn_mask": lambda m: m(x, attn_mask=mask),
+        "is_causal": lambda m: m.forward_features(x, is_causal=True),
+        "intermediates_nchw": lambda m: m.forward_intermediates(x)[1][-1],
+        "intermediates_nlc": lambda m: m.forward_intermediates(x, output_fmt="NLC")[1][-1],
+        "get_intermediate_layers": lambda m: m.get_intermediate_layers(x, n=2, reshape=True)[0],
+    }
+    with torch.no_grad():
+        expected = {name: path(model) for name, path in paths.items()}
+        tome_patch.timm(model, 0)
+        for name, path in paths.items():
+            assert torch.equal(path(model), expected[name]), name
+
+
+def test_every_forward_path_merges_or_refuses():
+    """While r > 0, each public forward path of the model merges, or raises a ValueError
+    saying why before any block runs."""
+    model = make_model(depth=3, img_size=64)
+    x = images(2, 64)
+    tome_patch.timm(model, 4)
+    counts = expected_counts(17, [4, 4, 4], 1)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape[1] == counts[-1]
+        assert torch.equal(model.forward_head(features), model(x))
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert pre.shape == (2, 192)
+        # The bare block stack also merges.
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        assert model.blocks(tokens).shape[1] == counts[-1]
+        # timm splits the class token off the intermediates.
+        final, intermediates = model.forward_intermediates(x, output_fmt="NLC")
+        assert [y.shape[1] + 1 for y in intermediates] == counts and final.shape[1] == counts[-1]
+        layers = model.get_intermediate_layers(x, n=2)
+        assert [y.shape[1] + 1 for y in layers] == counts[1:]
+    refused = {
+        "forward attn_mask": lambda: model(x, attn_mask=torch.zeros(17, 17)),
+        "forward_features is_causal": lambda: model.forward_features(x, is_causal=True),
+        "intermediates NCHW": lambda: model.forward_intermediates(x),
+        "intermediates attn_mask": lambda: model.forward_intermediates(x, output_fmt="NLC",
+                                                                       attn_mask=torch.zeros(17, 17)),
+        "get_intermediate_layers reshape": lambda: model.get_intermediate_layers(x, n=2, reshape=True),
+        "block attn_mask": lambda: model.blocks[0](tokens, attn_mask=torch.zeros(17, 17)),
+    }
+    for name, path in refused.items():
+        with pytest.raises(ValueError, match="no attn_mask|no patch grid"):
+            path()
+
+
+def test_average_pooling_refuses_features_of_another_pass():
+    model = tome_patch.timm(make_model("avg_pool", depth=2, img_size=64), 4)
+    with torch.no_grad():
+        features = model.forward_features(images(2, 64))
+        model.forward_features(images(3, 64))
+        with pytest.raises(ValueError, match="pool the features of that pass"):
+            model.forward_head(features)
