@@ -57,9 +57,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def level_grid(latent_size: Tuple[int, int], downsample: int) -> Tuple[int, int]:
-    """The (h, w) grid of an (H, W) latent downsampled ``downsample`` times, as a UNet's
-    stride-2, padding-1 convolutions do it: ceil(H / d) x ceil(W / d) (each halving rounds
-    up, and ceil(ceil(H / 2) / 2) = ceil(H / 4))."""
+    """The (h, w) grid of an (H, W) latent downsampled by a factor d = ``downsample`` (a
+    power of two), as a UNet's stride-2, padding-1 convolutions do it: ceil(H / d) x
+    ceil(W / d) (each halving rounds up, and ceil(ceil(H / 2) / 2) = ceil(H / 4))."""
     height, width = latent_size
     return _ceil_div(height, downsample), _ceil_div(width, downsample)
 
@@ -95,13 +95,15 @@ def _user_stacklevel() -> int:
 
 class BlockCall(NamedTuple):
     """One patched block's call in a pass: its N ``tokens``, its downsampling ``level``
-    (None without a latent size: a square grid was assumed), its (h, w) ``grid`` (None when
-    not needed), and the tokens it merged away, ``r`` (0: its output is diffusers' own)."""
+    (None when not needed, or without a latent size, a square grid being assumed), its
+    (h, w) ``grid`` (None when not needed), the tokens it merged away, ``r`` (0: its output
+    is diffusers' own), and ``why`` r is 0: "parts" (no merge_* flag), "few" (int(N * ratio)
+    is 0), "deep" (level > max_downsample), "window" (the grid has no source token), or ""."""
     tokens: int
     level: Optional[int]
     grid: Optional[Tuple[int, int]]
     r: int
-    why: str = ""  # why r is 0: "parts", "few", "deep" or "window"
+    why: str = ""
 
 
 class DiffusionPass:
@@ -110,6 +112,7 @@ class DiffusionPass:
     Attributes:
         recorded_size: the (H, W) of the model's 4-D first input (the latent), or None.
         blocks: a ``BlockCall`` per patched block call, in call order.
+        generators: one per device, seeded with the model's seed when first used.
     """
 
     def __init__(self, recorded_size: Optional[Tuple[int, int]]):
