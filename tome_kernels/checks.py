@@ -2,8 +2,20 @@
 
 Each failure raises ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, wrong
 shape or value) with a message that names the argument and says what was expected.
+
+One rule per kind of number argument, for every public function and patch
+(docs/semantics.md, "Edge values"):
+
+- counts (r, k, delay, strides, grid sizes...): an integer, Python or NumPy (any
+  ``numbers.Integral``), never a bool and never a tensor, then its range;
+- real parameters (PiToMe's margin and alpha, an inflection, a ratio): a real number,
+  Python or NumPy, never a bool or a tensor, finite, then its range.
+
+A tensor is refused even when it holds one number: reading its value would wait for the
+device (a host sync in the middle of a model) and would stop ``torch.compile`` tracing.
 """
 
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -38,12 +50,17 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _tensor_hint(value) -> str:
+    return " (pass a Python number: int(t) / float(t))" if isinstance(value, Tensor) else ""
+
+
 def check_int(name: str, value, minimum: int = 0, meaning: str = "") -> int:
     """An int (``is_int``) of at least ``minimum``, as a Python int. ``meaning`` (e.g. "the
     number of tokens to remove") goes into the error message."""
     why = f" ({meaning})" if meaning else ""
     if not is_int(value):
-        raise TypeError(f"{name} must be a Python int{why}, got {type(value).__name__}: {value!r}")
+        raise TypeError(f"{name} must be a Python int or a NumPy integer{why}, got {type(value).__name__}: "
+                        f"{value!r}{_tensor_hint(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}{why}, got {value}")
     return int(value)
@@ -53,12 +70,24 @@ def check_r(r) -> int:
     return check_int("r", r, 0, "the number of tokens to remove")
 
 
-def check_real(name: str, value) -> float:
-    """A finite real number (int or float, not bool), as a float."""
+def check_real(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+               meaning: str = "") -> float:
+    """A finite real number (int or float, Python or NumPy, not bool) in [low, high] (in
+    (low, high] with ``low_open``), as a float."""
+    why = f" ({meaning})" if meaning else ""
     if not is_real(value):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    if value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise TypeError(f"{name} must be a real number{why}, got {type(value).__name__}: {value!r}"
+                        f"{_tensor_hint(value)}")
+    if math.isinf(high):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    bounded = not (math.isinf(low) and math.isinf(high))
+    if not math.isfinite(value):
+        also = f"; it must be {bound}" if bounded else ""
+        raise ValueError(f"{name} must be finite{also}{why}, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
     return float(value)
 
 
@@ -69,6 +98,8 @@ def check_flag(name: str, value) -> bool:
 
 
 def check_mode(mode) -> str:
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {', '.join(MERGE_MODES)}; got {type(mode).__name__}: {mode!r}")
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {', '.join(MERGE_MODES)}, got {mode!r}")
     return mode
@@ -79,29 +110,59 @@ def check_metric(metric) -> Tuple[int, int]:
     check_tensor("metric", metric, (3, 4), "(B, N, D) or keys (B, H, N, Dh)")
     if metric.dim() == 4 and metric.shape[1] == 0:
         raise ValueError(f"metric given as keys (B, H, N, Dh) must have H >= 1 heads, got shape {tuple(metric.shape)}")
+    # Without features every similarity is 0 and the matching a pure tie-break: a metric of
+    # width 0 is a caller's slip, refused like H = 0 (whatever B and N are, so that the rule
+    # does not depend on the batch).
+    if metric.shape[-1] == 0:
+        features = "Dh >= 1 features per head" if metric.dim() == 4 else "D >= 1 features"
+        raise ValueError(f"metric must have {features} to measure similarity on, got shape {tuple(metric.shape)}")
     return metric.shape[0], metric.shape[-2]
 
 
-def check_tokens(name: str, value, batch: int, tokens: int, device: torch.device, expected: str) -> Tensor:
-    """A (B, N, C)-like tensor whose B and N must agree with the metric's, on its device."""
+def check_tokens(name: str, value, batch: int, tokens: int, device: torch.device, expected: str,
+                 source: str = "from the metric", tokens_name: str = "N") -> Tensor:
+    """A (B, N, C)-like tensor whose B and N (``tokens_name``: "N - r" for an unmerge's input)
+    must agree with ``source`` (the metric, or a plan), on its device."""
     check_tensor(name, value, (3,), expected)
     if value.shape[0] != batch or value.shape[1] != tokens:
-        raise ValueError(
-            f"{name} must have shape {expected} with B={batch} and N={tokens} (from the metric), "
-            f"got {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have shape {expected} with B={batch} and {tokens_name}={tokens} ({source}), "
+                         f"got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the metric is on {device}: all tensors must be on one "
                          "device")
     return value
 
 
-def check_size(size: Optional[Tensor], batch: int, tokens: int, device: torch.device) -> None:
+def _size_values_readable(size: Tensor) -> bool:
+    """Whether reading the values of ``size`` is free: a CPU tensor, run eagerly. A GPU
+    tensor would need a host sync; a tracer's fake or functional tensor (torch.compile, or
+    any other tracer) has no values to read."""
+    return size.device.type == "cpu" and type(size) is Tensor and not torch.compiler.is_compiling()
+
+
+def check_size(size: Optional[Tensor], batch: int, tokens: int, device: torch.device,
+               source: str = "from the metric") -> None:
+    """Sizes (B, N, 1) of a float dtype, each positive and finite.
+
+    The values are checked where that is free (``_size_values_readable``: CPU tensors in
+    eager mode). Elsewhere they are not, and a size that is 0, negative, inf or NaN goes
+    through the merge's formula on every backend alike: a group whose sizes sum to 0 or to a
+    non-finite value gets NaN rows (docs/semantics.md, "Edge values").
+    """
     if size is None:
         return
-    check_tokens("size", size, batch, tokens, device, "(B, N, 1)")
+    check_tokens("size", size, batch, tokens, device, "(B, N, 1)", source)
     if size.shape[2] != 1:
         raise ValueError(f"size must have shape (B, N, 1), got {tuple(size.shape)}")
+    # min and max (NaN propagates through both) are the cheapest test: about 10 us for a
+    # (8, 197, 1) size, against a few ms for the merge; the slow search only on failure.
+    if _size_values_readable(size) and size.numel():
+        with torch.no_grad():
+            if not (size.min().item() > 0 and size.max().item() < math.inf):
+                bad = ~(torch.isfinite(size) & (size > 0))
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"size must be positive and finite (how many patches a token stands for), "
+                                 f"got {size[where].item()} at index {where}")
 
 
 def check_match_inputs(metric, r, class_token, distill_token) -> int:

@@ -42,6 +42,26 @@ def _plan(metric: Tensor, role: Tensor, r: int, impl: Backend, window: Optional[
     return MergePlan(impl.partition(metric, role, r, window), impl)
 
 
+def _identity(metric: Tensor, impl: Backend) -> MergePlan:
+    return MergePlan(partition.identity(metric.shape[0], metric.shape[-2], metric.device), impl)
+
+
+def _clamped_r(r, tokens: int, protected: int) -> int:
+    """r clamped as in ToMe's contract: at most (N - protected) // 2, so that 2r unprotected
+    tokens exist, and never below 0 (N = 0 with a class token, or N = 1 with a class and a
+    distillation token, has fewer tokens than protected ones: nothing merges)."""
+    return max(min(checks.check_r(r), (tokens - protected) // 2), 0)
+
+
+def check_pitome_energy(margin, alpha) -> Tuple[float, float]:
+    """PiToMe's margin is a cosine similarity, so within [-1, 1] (beyond it every similarity
+    falls on one side and the margin no longer separates anything); alpha scales the
+    penalty below it and must be positive (0 would flatten it, a negative one reverse it)."""
+    margin = checks.check_real("margin", margin, -1.0, 1.0, meaning="a cosine similarity")
+    alpha = checks.check_real("alpha", alpha, 0.0, low_open=True, meaning="the scale of the energy below the margin")
+    return margin, alpha
+
+
 @fixed_numerics
 def pitome_match(
     metric: Tensor,
@@ -64,17 +84,18 @@ def pitome_match(
 
     Args:
         metric: (B, N, D) features or keys (B, H, N, Dh).
-        r: tokens to remove, clamped to (N - protected tokens) // 2.
-        margin: m in f; the paper lowers it with depth, m = 0.9 (1 - l / L) at block l of L.
-        alpha: the scale of f below the margin.
+        r: tokens to remove, clamped to (N - protected tokens) // 2 and to at least 0.
+        margin: m in f, in [-1, 1]; the paper lowers it with depth, m = 0.9 (1 - l / L) at
+            block l of L.
+        alpha: the scale of f below the margin, > 0.
         shifted: f(x) = x - m above the margin (the authors' code) instead of x (the paper).
         class_token, distill_token: tokens 0 and 1 are protected.
         real: for a padded batch whose padding has NaN metric rows, (B, N) bool, the real
             tokens: each row takes the roles it would take alone (``roles.pitome``).
     """
     protected = _protected(metric, class_token, distill_token)
-    r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
-    margin, alpha = checks.check_real("margin", margin), checks.check_real("alpha", alpha)
+    r = _clamped_r(r, metric.shape[-2], protected)
+    margin, alpha = check_pitome_energy(margin, alpha)
     checks.check_flag("shifted", shifted)
     if real is not None:
         expected = (metric.shape[0], metric.shape[-2])
@@ -86,7 +107,7 @@ def pitome_match(
                              f"got {tuple(real.shape)} on {real.device}")
     impl = select_backend(backend, (metric,))
     if r == 0:
-        return MergePlan(partition.identity(metric.shape[0], metric.shape[-2], metric.device), impl)
+        return _identity(metric, impl)
     energy = impl.energy(metric, margin, alpha, shifted)
     return _plan(metric, roles.pitome(energy, r, protected, real), r, impl)
 
@@ -116,6 +137,10 @@ def kth_bipartite_match(
     protected = _protected(metric, class_token, distill_token)
     k = checks.check_int("k", k, 0, "every k-th token is a destination")
     impl = select_backend(backend, (metric,))
+    if k <= 1 or metric.shape[-2] - protected < k:
+        # roles.kth's rule, applied before it: with fewer tokens than protected ones its
+        # positions would start below 0.
+        return _identity(metric, impl)
     role, sources = roles.kth(metric.shape[-2], k, protected, metric.device)
     return _plan(metric, role, sources, impl)
 
@@ -132,12 +157,15 @@ def random_bipartite_match(
 ) -> MergePlan:
     """r unprotected tokens drawn at random (per batch row, from ``generator``) merge into
     their most similar token among the others. r is clamped as in ToMe, to
-    (N - protected) // 2."""
+    (N - protected) // 2, and never below 0; with r = 0 after clamping nothing is drawn from
+    the generator."""
     protected = _protected(metric, class_token, distill_token)
-    r = min(checks.check_r(r), (metric.shape[-2] - protected) // 2)
+    r = _clamped_r(r, metric.shape[-2], protected)
     generator = _check_generator(generator)
     # Chosen before the draw: a backend that cannot run must not use up the generator.
     impl = select_backend(backend, (metric,))
+    if r == 0:
+        return _identity(metric, impl)  # nothing drawn: no tokens to choose (or fewer than protected)
     role = roles.random(metric.shape[0], metric.shape[-2], r, protected, generator, metric.device)
     return _plan(metric, role, r, impl)
 

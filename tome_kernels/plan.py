@@ -68,13 +68,19 @@ class MergePlan:
         return _REFERENCE if self._backend.unsupported_reasons(given) else self._backend
 
     def _check_tokens(self, name: str, value, tokens: int) -> Tensor:
-        return checks.check_tokens(name, value, self.batch_size, tokens, self.device, f"(B, {tokens}, C)")
+        # The message says where B and N come from: this plan, not a metric the caller may no
+        # longer have at hand; for unmerge, the rows expected are the plan's output, N - r.
+        if tokens == self.num_tokens:
+            return checks.check_tokens(name, value, self.batch_size, tokens, self.device, f"(B, {tokens}, C)",
+                                       "from the plan")
+        return checks.check_tokens(name, value, self.batch_size, tokens, self.device, f"(B, {tokens}, C)",
+                                   f"from the plan: N={self.num_tokens}, r={self.r}", "N - r")
 
     @fixed_numerics
     def merge_wavg(self, x: Tensor, size: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Size-weighted average of each group: (x (B, N-r, C), size (B, N-r, 1))."""
         self._check_tokens("x", x, self.num_tokens)
-        checks.check_size(size, self.batch_size, self.num_tokens, self.device)
+        checks.check_size(size, self.batch_size, self.num_tokens, self.device, "from the plan")
         return self._backend_for(x, size).merge_wavg(self._match, x, size)
 
     @fixed_numerics

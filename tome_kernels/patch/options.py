@@ -4,8 +4,8 @@ ToMe's matching after it), with their options, checked at patch time."""
 
 from typing import NamedTuple, Tuple
 
-from ..checks import check_flag, check_int, check_int_pair, check_real
-from ..methods import PITOME_MARGIN
+from ..checks import check_flag, check_int, check_int_pair
+from ..methods import PITOME_MARGIN, check_pitome_energy
 
 METHODS = ("tome", "pitome", "dsm")
 
@@ -32,9 +32,11 @@ def check_method(method, allowed: Tuple[str, ...], **options) -> MethodOptions:
         why = " (DSM merges in windows of a patch grid: timm ViTs only)" if method in METHODS else ""
         raise ValueError(f"method must be one of {', '.join(allowed)}, got {method!r}{why}")
     default = MethodOptions()
+    # PiToMe's margin and alpha by pitome_match's own rule: a patch takes what the function takes.
+    margin, alpha = check_pitome_energy(options.get("margin", default.margin), options.get("alpha", default.alpha))
     checked = dict(
-        margin=check_real("margin", options.get("margin", default.margin)),
-        alpha=check_real("alpha", options.get("alpha", default.alpha)),
+        margin=margin,
+        alpha=alpha,
         shifted=check_flag("shifted", options.get("shifted", default.shifted)),
         window=check_int_pair("window", options.get("window", default.window)),
     )

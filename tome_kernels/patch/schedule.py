@@ -2,7 +2,7 @@
 
 from typing import List, Sequence, Tuple, Union
 
-from ..checks import check_int, is_int, is_real
+from ..checks import check_int, check_real
 
 RSchedule = Union[int, Sequence[int], Tuple[int, float]]
 
@@ -18,17 +18,14 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
 
     Each block then clamps its r to what its token count allows (the merge contract).
     """
+    num_blocks = check_int("num_blocks", num_blocks, 1, "the blocks of the model")
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"r as a tuple must be (r, inflection), got {r!r}; give a per-block schedule as a list")
         base = check_int("r (the first item of (r, inflection))", r[0])
-        inflection = r[1]
-        if not is_real(inflection):
-            raise TypeError(f"the inflection of r = (r, inflection) must be a number, got {type(inflection).__name__}")
         # Outside [-1, 1] the ramp's ends go negative and are cut to 0: the total is no longer
         # about r per block, and (r, 4) is more likely a per-block list mistyped as a tuple.
-        if not -1 <= inflection <= 1:
-            raise ValueError(f"the inflection of r = (r, inflection) must be in [-1, 1], got {inflection!r}")
+        inflection = check_real("the inflection of r = (r, inflection)", r[1], -1.0, 1.0)
         lo = int(base * (1 - inflection))
         hi = 2 * base - lo
         if num_blocks == 1:
@@ -52,9 +49,9 @@ def dsm_r_per_block(r: int, num_blocks: int, delay: int) -> List[int]:
     token count allows, so a large r can leave part of the budget unspent.
     """
     r = check_int("r (an int for method='dsm': the total budget is r per block)", r)
-    if not is_int(delay):
-        raise TypeError(f"delay must be an int (blocks without merging), got {type(delay).__name__}")
-    if not 0 <= delay < num_blocks:
+    num_blocks = check_int("num_blocks", num_blocks, 1, "the blocks of the model")
+    delay = check_int("delay", delay, 0, "blocks without merging")
+    if delay >= num_blocks:
         raise ValueError(f"delay must be in [0, {num_blocks}) for a model of {num_blocks} blocks, got {delay}")
     merging = num_blocks - delay
     each, extra = divmod(r * num_blocks, merging)
