@@ -15,7 +15,7 @@ from torch import nn
 
 from .bert import mean_pool, sentence_transformer_bert
 from .bert import patch_bert as bert
-from .diffusion import DiffusionState
+from .diffusion import DiffusionState, NoMergeWarning
 from .diffusion import patch_diffusion as diffusion
 from .schedule import r_per_block
 from .state import ToMeState
@@ -33,9 +33,15 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
-    """The state of a patched model. ToMe (timm, bert): r per block, and after a forward pass
-    the sizes and (with trace_source) the token map of the last batch. Diffusion: the
-    settings and the latent size of the last forward pass."""
+    """The state of a patched model (a SentenceTransformer's: its BertModel's). ToMe (timm,
+    bert): r per block, and after a forward pass the sizes and (with trace_source) the token
+    map of the last batch. Diffusion: the settings, and in ``last_pass`` the latent size and
+    each block call's merge of the last forward pass. What a pass leaves is kept per thread:
+    the last pass is the one the calling thread ran.
+
+    Raises:
+        ValueError: ``model`` is not patched.
+    """
     if not is_patched(model):
         raise ValueError(f"model ({type(model).__name__}) is not patched by tome_kernels.patch")
     return _patched_module(model)._tome_state
@@ -49,4 +55,5 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["timm", "bert", "diffusion", "mean_pool", "get_state", "remove", "is_patched", "r_per_block", "ToMeState"]
+__all__ = ["timm", "bert", "diffusion", "mean_pool", "get_state", "remove", "is_patched", "r_per_block", "ToMeState",
+           "NoMergeWarning"]
