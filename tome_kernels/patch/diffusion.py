@@ -125,6 +125,14 @@ class DiffusionPass:
         return any(call.r > 0 for call in self.blocks)
 
 
+# DiffusionState._warn_once run eagerly under torch.compile: traced, the membership test of
+# _warned was decided once at trace time and the warning repeated at every compiled call.
+# Made when the first state is made or loaded (always eagerly), not at import:
+# torch.compiler.disable imports torch._dynamo, and with it triton, which importing
+# tome_kernels must not.
+_warn_once_eagerly = None
+
+
 class DiffusionState:
     """What the patched blocks of one model share: the settings (plain attributes, shared by
     every thread, copied by ``copy.deepcopy`` and saved by ``torch.save`` with the model)
@@ -155,6 +163,9 @@ class DiffusionState:
         self._fresh()
 
     def _fresh(self) -> None:
+        global _warn_once_eagerly
+        if _warn_once_eagerly is None:
+            _warn_once_eagerly = torch.compiler.disable(DiffusionState._warn_once)
         self._threads = threading.local()
         # The NoMergeWarning reasons already given: each is said once per patched model.
         self._warned = set()
@@ -281,11 +292,8 @@ class DiffusionState:
 
     def _warn_if_nothing_merged(self, finished: DiffusionPass) -> None:
         if self.ratio > 0 and not finished.merged:
-            self._warn_once(finished)
+            _warn_once_eagerly(self, finished)
 
-    # Run eagerly under torch.compile: traced, the membership test of _warned was decided
-    # once at trace time and the warning repeated at every compiled call.
-    @torch.compiler.disable
     def _warn_once(self, finished: DiffusionPass) -> None:
         reason, message = self._why_nothing_merged(finished)
         if reason in self._warned:
