@@ -92,6 +92,7 @@ CPU_ONLY = [
     "tests/backends/test_native_methods.py",
     "tests/builds/",
     "tests/contract/test_compiled_plans.py",
+    "tests/contract/test_edge_values.py",
     "tests/contract/test_methods_oracle.py",
     "tests/contract/test_properties.py",
     "tests/patch/",
