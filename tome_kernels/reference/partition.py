@@ -77,8 +77,11 @@ def select(best: Tensor, dst: Tensor, r: int) -> Tensor:
     # Sources first, keeping the score order among them (a second stable sort).
     is_source = (dst >= 0).gather(1, order)
     order = order.gather(1, torch.sort((~is_source).to(torch.uint8), dim=1, stable=True).indices)
-    merged = torch.zeros_like(dst, dtype=torch.bool)
-    return merged.scatter_(1, order[:, :r], True)
+    top = order[:, :r]
+    # A tensor source, not the scalar True: inductor (torch 2.13) miscompiles the in-place
+    # scalar scatter of a slice whose length r became dynamic, marking one token, not B, at
+    # r = 1 (tests/contract/test_edge_values.py, compiled plans with changing r).
+    return torch.zeros_like(dst, dtype=torch.bool).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
 
 
 def layout(merged: Tensor, dst: Tensor) -> Tensor:

@@ -76,7 +76,8 @@ def random(batch: int, tokens: int, r: int, protected: int, generator: Optional[
     chosen = draws.argsort(dim=1)[:, :r] + protected
     roles = _roles(batch, tokens, device)
     roles[:, protected:] = DEST
-    return roles.scatter_(1, chosen, SOURCE)
+    # A tensor source, not a scalar: see partition.select (inductor and a dynamic r).
+    return roles.scatter(1, chosen, torch.full_like(chosen, SOURCE, dtype=roles.dtype))
 
 
 def grid(
