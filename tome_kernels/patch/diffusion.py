@@ -435,12 +435,7 @@ def _merged_forward(block: nn.Module, plan: MergePlan, hidden_states: Tensor, at
 
 
 def _check_ratio(ratio) -> float:
-    if not checks.is_real(ratio):
-        raise TypeError(f"ratio must be a real number (the fraction of tokens to merge), got "
-                        f"{type(ratio).__name__}: {ratio!r}")
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"ratio must be in [0, 1] (the fraction of tokens to merge), got {ratio!r}")
-    return float(ratio)
+    return checks.check_real("ratio", ratio, 0.0, 1.0, meaning="the fraction of tokens to merge")
 
 
 def _check_max_downsample(max_downsample) -> int:
@@ -453,11 +448,10 @@ def _check_max_downsample(max_downsample) -> int:
 
 
 def _check_seed(seed) -> int:
-    if not checks.is_int(seed):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}: {seed!r}")
-    if not 0 <= seed < 2**64:
+    seed = checks.check_int("seed", seed, 0)
+    if seed >= 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return int(seed)
+    return seed
 
 
 def _block_problem(block: nn.Module) -> Optional[str]:

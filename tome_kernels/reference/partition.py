@@ -80,7 +80,7 @@ def select(best: Tensor, dst: Tensor, r: int) -> Tensor:
     top = order[:, :r]
     # A tensor source, not the scalar True: inductor (torch 2.13) miscompiles the in-place
     # scalar scatter of a slice whose length r became dynamic, marking one token, not B, at
-    # r = 1 (tests/contract/test_edge_values.py, compiled plans with changing r).
+    # r = 1 (tests/contract/test_compiled_plans.py).
     return torch.zeros_like(dst, dtype=torch.bool).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
 
 
