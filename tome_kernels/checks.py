@@ -83,7 +83,9 @@ def check_real(name: str, value, low: float = -math.inf, high: float = math.inf,
     else:
         bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
     bounded = not (math.isinf(low) and math.isinf(high))
-    if not math.isfinite(value):
+    # Comparisons rather than math.isfinite: torch.compile traces them on a float it made
+    # symbolic (dynamic=True), and cannot trace math.isfinite (NaN fails both comparisons).
+    if not -math.inf < value < math.inf:
         also = f"; it must be {bound}" if bounded else ""
         raise ValueError(f"{name} must be finite{also}{why}, got {value!r}")
     if value < low or value > high or (low_open and value == low):
@@ -91,10 +93,21 @@ def check_real(name: str, value, low: float = -math.inf, high: float = math.inf,
     return float(value)
 
 
+def _type_name(value) -> str:
+    """The type of ``value`` with its module where that is not the builtins (a
+    ``numpy.bool`` is not a ``bool``, a ``numpy.random.Generator`` not a torch one)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
-    return value
+    """A bool, Python or NumPy (as NumPy integers are counts), as a Python bool; never an
+    int: flag=1 is more likely a slip than "True"."""
+    # NumPy's bool by name: NumPy is not a dependency, and a numpy.bool_ exists only with it.
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
+        raise TypeError(f"{name} must be a bool (Python or NumPy), got {_type_name(value)}: {value!r}")
+    return bool(value)
 
 
 def check_mode(mode) -> str:

@@ -29,7 +29,7 @@ PITOME_MARGIN = 0.9
 
 def _check_generator(generator) -> Optional[torch.Generator]:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(f"generator must be a torch.Generator or None, got {checks._type_name(generator)}")
     return generator
 
 

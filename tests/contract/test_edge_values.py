@@ -449,3 +449,29 @@ def test_plan_shape_errors_name_the_argument_and_the_plan():
     with pytest.raises(ValueError, match=r"^y must have shape \(B, 15, C\) with B=2 and N - r=15 "
                                          r"\(from the plan: N=17, r=2\)"):
         plan.unmerge(torch.randn(2, 17, 3))
+
+
+def test_flags_are_python_or_numpy_bools():
+    """Flags follow the counts' rule: NumPy's kind of the type is accepted, an int is not."""
+    metric = torch.randn(1, 8, 4)
+    assert tome_kernels.bipartite_match(metric, 2, class_token=np.True_).r == 2
+    assert torch.equal(tome_kernels.bipartite_match(metric, 2, class_token=np.True_).token_map,
+                       tome_kernels.bipartite_match(metric, 2, class_token=True).token_map)
+    with pytest.raises(TypeError, match=r"class_token must be a bool \(Python or NumPy\), got int: 1"):
+        tome_kernels.bipartite_match(metric, 2, class_token=1)
+    with pytest.raises(TypeError, match=r"got numpy\.random\._generator\.Generator"):
+        tome_kernels.random_bipartite_match(metric, 2, generator=np.random.default_rng(0))
+
+
+def test_a_margin_made_symbolic_by_torch_compile_is_traced():
+    """With dynamic floats (the second call's margin), the check compares the value as
+    dynamo can trace, instead of math.isfinite, which broke the graph."""
+    keys = torch.randn(2, 4, 17, 16, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    def plan(k, margin):
+        return tome_kernels.pitome_match(k, 3, margin=margin, class_token=True).token_map
+
+    compiled = torch.compile(plan, fullgraph=True, backend="eager")
+    for margin in (0.9, 0.8, -0.5):
+        expected = tome_kernels.pitome_match(keys, 3, margin=margin, class_token=True).token_map
+        assert torch.equal(compiled(keys, margin), expected), margin

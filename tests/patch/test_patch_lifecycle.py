@@ -294,3 +294,15 @@ def test_torch_compile_fullgraph_of_a_patched_bert(padded):
     got = call("bert", compiled, x)
     assert torch.equal(tome_patch.get_state(model).size > 0.5, sizes > 0.5)
     assert_within_twice_reference_error(got, expected, exact)
+
+
+@pytest.mark.parametrize("not_a_module", [None, "vit", 3])
+def test_remove_and_get_state_refuse_what_is_not_a_module(not_a_module):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        tome_patch.remove(not_a_module)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        tome_patch.get_state(not_a_module)
+    assert not tome_patch.is_patched(not_a_module)
+    # An unpatched module is returned as it is.
+    plain = nn.Linear(2, 2)
+    assert tome_patch.remove(plain) is plain

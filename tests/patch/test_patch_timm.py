@@ -456,3 +456,29 @@ def test_average_pooling_refuses_features_of_another_pass():
         model.forward_features(images(3, 64))
         with pytest.raises(ValueError, match="pool the features of that pass"):
             model.forward_head(features)
+
+
+def test_forwards_replaced_on_the_instance_are_refused():
+    """A forward set on a block, its attention or its k_norm instance would be skipped by
+    the patched forward, or skip the key hook: refused at patch time, model unchanged."""
+    for where in ("block", "attn", "k_norm"):
+        model = make_model(depth=2, img_size=64)
+        target = {"block": model.blocks[1], "attn": model.blocks[1].attn, "k_norm": model.blocks[1].attn.k_norm}[where]
+        target.forward = target.forward  # a bound method set on the instance, as monkeypatching does
+        with pytest.raises(ValueError, match=r"blocks\[1\] .*set on the instance"):
+            tome_patch.timm(model, 4)
+        assert not tome_patch.is_patched(model)
+
+
+def test_keys_missing_at_merge_time_name_the_block():
+    model = tome_patch.timm(make_model(depth=2, img_size=64), 4)
+    model.blocks[1].attn.k_norm._forward_hooks.clear()  # the key hook lost after patching
+    with pytest.raises(RuntimeError, match="block 1's attention did not hand its keys"):
+        logits(model, images(2, 64))
+
+
+def test_gradient_checkpointing_message():
+    model = make_model(depth=2, img_size=64)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="^model has gradient checkpointing on: gradient checkpointing recomputes"):
+        tome_patch.timm(model, 4)

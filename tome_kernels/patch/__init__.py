@@ -40,16 +40,25 @@ def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
     the last pass is the one the calling thread ran.
 
     Raises:
+        TypeError: ``model`` is not a torch.nn.Module.
         ValueError: ``model`` is not patched.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not is_patched(model):
         raise ValueError(f"model ({type(model).__name__}) is not patched by tome_kernels.patch")
     return _patched_module(model)._tome_state
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo a patch in place and return the model; a model that is not patched is returned
-    unchanged."""
+    """Undo a patch in place and return the model; a module that is not patched is returned
+    unchanged.
+
+    Raises:
+        TypeError: ``model`` is not a torch.nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if is_patched(model):
         get_state(model).undo(_patched_module(model))
     return model

@@ -149,7 +149,9 @@ class ToMeState:
         """Merge ``r`` tokens of ``x`` on the keys this block's attention left in ``keys``."""
         keys, self.keys = self.keys, None
         if keys is None:
-            raise RuntimeError("tome_kernels: the patched attention did not record its keys this pass")
+            raise RuntimeError(f"tome_kernels: block {self.block}'s attention did not hand its keys to the merge in "
+                               "this pass: its attention or k_norm (key projection) no longer runs the patched "
+                               "forward hook (replaced after patching?); patch the model again")
         if self.padded:
             if not self.merged:
                 # Padding may come first (left padding): the protected class token must be

@@ -125,7 +125,7 @@ def _check_model(model: nn.Module) -> List[nn.Module]:
     if model.global_pool not in ("token", "avg", "max", ""):
         raise ValueError(f"model.global_pool={model.global_pool!r}: supported are 'token', 'avg', 'max' and ''")
     if getattr(model, "grad_checkpointing", False):
-        raise ValueError(f"model has {_NO_CHECKPOINTING}")
+        raise ValueError(f"model has gradient checkpointing on: {_NO_CHECKPOINTING}")
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
         problem = _block_problem(block, Block, Attention)
@@ -143,11 +143,15 @@ def _block_problem(block: nn.Module, block_class: type, attention_class: type) -
         return f"is a {original.__name__}, not a timm Block"
     if original.forward is not block_class.forward:
         return f"is a {original.__name__}, a Block subclass with its own forward"
+    if "forward" in vars(block):
+        return "has a forward of its own, set on the instance"
     attention = getattr(block, "attn", None)
     if not isinstance(attention, attention_class):
         return f"has attention {type(attention).__name__}, not timm's Attention"
     if type(attention).forward is not attention_class.forward:
         return f"has attention {type(attention).__name__}, an Attention subclass with its own forward"
+    if "forward" in vars(attention) or "forward" in vars(attention.k_norm):
+        return "has an attention (or its k_norm) with a forward of its own, set on the instance"
     return None
 
 
