@@ -174,7 +174,7 @@ def flop_report(model: nn.Module, img_size: Optional[ImageSize] = None) -> FlopR
     state = getattr(model, "_tome_state", None)
     saved_state = dict(vars(state)) if state is not None else None
     # The last pass of this thread (sizes, token map) is kept per thread, outside vars(state).
-    saved_pass = dict(vars(state._threads)) if state is not None else None
+    saved_pass = state.save_pass() if state is not None else None
     counter = FlopCounterMode(display=False)
     probe = _BlockProbe(counter, list(model.blocks))
     try:
@@ -195,8 +195,7 @@ def flop_report(model: nn.Module, img_size: Optional[ImageSize] = None) -> FlopR
         if state is not None:
             vars(state).clear()
             vars(state).update(saved_state)
-            vars(state._threads).clear()
-            vars(state._threads).update(saved_pass)
+            state.restore_pass(saved_pass)
     return FlopReport((height, width), counter.get_total_flops() / _COUNTER_FLOPS_PER_GFLOP, blocks)
 
 

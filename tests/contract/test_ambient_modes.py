@@ -71,23 +71,14 @@ def _assert_same(got, expected, mode):
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+def _setting(get, set_to, value):
+    """A global torch setting at ``value`` for the block, then back to what it was."""
+    previous = get()
+    set_to(value)
     try:
         yield
     finally:
-        torch.set_default_dtype(previous)
-
-
-@contextlib.contextmanager
-def _matmul_precision(precision):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+        set_to(previous)
 
 
 @contextlib.contextmanager
@@ -166,12 +157,13 @@ def test_half_precision_inputs_under_autocast(backend, device, repeatable):
 # Modes that change no arithmetic of the ops but could break them or their random draws.
 MODES = {
     # random_bipartite_match drew float64 numbers (another plan for the same seed).
-    "default float64": lambda: _default_dtype(torch.float64),
+    "default float64": lambda: _setting(torch.get_default_dtype, torch.set_default_dtype, torch.float64),
     "anomaly": lambda: torch.autograd.detect_anomaly(),
     "deterministic": _deterministic,
     # TF32 products on CUDA (bfloat16 where oneDNN offers it on CPU): the reference scored in
     # TF32 on a GPU. (No CPU here computes differently in this mode: there it cannot fail.)
-    "matmul precision medium": lambda: _matmul_precision("medium"),
+    "matmul precision medium": lambda: _setting(torch.get_float32_matmul_precision,
+                                                torch.set_float32_matmul_precision, "medium"),
 }
 
 

@@ -20,7 +20,6 @@ rebuilt from the sizes, so padding is never attended to nor pooled.
 sentence of a padded batch the roles it would have alone).
 """
 
-import inspect
 import sys
 import warnings
 from typing import List, Optional
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from ..backends import check_backend_name
 from ..checks import check_flag
 from ..methods import PITOME_MARGIN
-from .hooks import KeyCapture, original_class, remove_hooks, tome_subclass
+from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
 from .options import check_method
 from .schedule import RSchedule, r_per_block
 from .state import PADDING_SIZE, ToMeState
@@ -147,7 +146,7 @@ def _begin_pass(model: nn.Module, args: tuple, kwargs: dict) -> None:
     implementation = _attention_implementation(layers[0])
     if implementation not in _SUPPORTED_ATTENTION:
         raise ValueError(f"a ToMe-patched BERT runs with attn_implementation 'eager' or 'sdpa', not {implementation!r}")
-    call = inspect.signature(original_class(model).forward).bind(model, *args, **kwargs).arguments
+    call = call_arguments(original_class(model).forward, model, *args, **kwargs)
     mask = call.get("attention_mask")
     tokens = call.get("input_ids")
     if tokens is None:

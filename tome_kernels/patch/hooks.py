@@ -7,7 +7,8 @@ deep-copy (``copy.deepcopy``, timm's ``ModelEmaV3``) as their original class wit
 on, and the hooks are objects, not closures, so a copy's hooks point at the copy's state.
 """
 
-from typing import Optional
+import inspect
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -40,6 +41,18 @@ def tome_subclass(cls: type, mixin: type) -> type:
                      "__qualname__": cls.__qualname__, "__module__": cls.__module__}
         _SUBCLASSES[key] = type(cls.__name__, (mixin, cls), namespace)
     return _SUBCLASSES[key]
+
+
+# inspect.signature costs tens of microseconds, on every forward: made once per function. A
+# plain dict, which dynamo reads as it is (it warns on, and bypasses, functools.lru_cache).
+_SIGNATURES = {}
+
+
+def call_arguments(function: Callable, *args, **kwargs) -> dict:
+    """The arguments of a call ``function(*args, **kwargs)`` by name, defaults left out."""
+    if function not in _SIGNATURES:
+        _SIGNATURES[function] = inspect.signature(function)
+    return _SIGNATURES[function].bind(*args, **kwargs).arguments
 
 
 def original_class(module: nn.Module) -> type:

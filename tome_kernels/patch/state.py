@@ -107,6 +107,15 @@ class ToMeState:
         self.__dict__.update(state)
         self._threads = threading.local()
 
+    def save_pass(self) -> dict:
+        """This thread's pass bookkeeping, to put back with ``restore_pass`` (a diagnostic
+        pass, such as counting FLOPs, leaves the user's last pass as it was)."""
+        return dict(vars(self._threads))
+
+    def restore_pass(self, saved: dict) -> None:
+        vars(self._threads).clear()
+        vars(self._threads).update(saved)
+
     @property
     def any_merging(self) -> bool:
         """Whether any block's r is above 0 (each block may still clamp its r to 0)."""

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..backends import check_backend_name
 from ..checks import check_flag
 from ..methods import PITOME_MARGIN
-from .hooks import KeyCapture, original_class, remove_hooks, tome_subclass
+from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
 from .options import check_method
 from .schedule import RSchedule, dsm_r_per_block, r_per_block
 from .state import ToMeState
@@ -77,7 +77,7 @@ class _ToMeVisionTransformer:
         are no longer a patch grid, so "NCHW" is refused while any block merges."""
         from timm.models.vision_transformer import VisionTransformer
 
-        bound = _bind(VisionTransformer.forward_intermediates, self, x, *args, **kwargs)
+        bound = call_arguments(VisionTransformer.forward_intermediates, self, x, *args, **kwargs)
         self._tome_check_mask(bound.get("attn_mask"), bound.get("is_causal", False))
         if self._tome_state.any_merging and bound.get("output_fmt", "NCHW") == "NCHW":
             raise ValueError("a ToMe-patched model that merges has no patch grid after its first merge: ask for "
@@ -101,13 +101,6 @@ class _ToMeVisionTransformer:
         start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         weights = weights[:, start:].to(x.dtype)
         return (x[:, start:] * weights).sum(dim=1) / weights.sum(dim=1)
-
-
-def _bind(function, *args, **kwargs) -> dict:
-    """The arguments of a call to ``function`` by name, defaults left out."""
-    import inspect
-
-    return inspect.signature(function).bind(*args, **kwargs).arguments
 
 
 def _check_model(model: nn.Module) -> List[nn.Module]:
