@@ -71,9 +71,9 @@ def check_r(r) -> int:
 
 
 def check_real(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-               meaning: str = "") -> float:
-    """A finite real number (int or float, Python or NumPy, not bool) in [low, high] (in
-    (low, high] with ``low_open``), as a float."""
+               high_open: bool = False, meaning: str = "") -> float:
+    """A finite real number (int or float, Python or NumPy, not bool) in [low, high] (an end
+    left out with ``low_open`` / ``high_open``), as a float."""
     why = f" ({meaning})" if meaning else ""
     if not is_real(value):
         raise TypeError(f"{name} must be a real number{why}, got {type(value).__name__}: {value!r}"
@@ -81,14 +81,14 @@ def check_real(name: str, value, low: float = -math.inf, high: float = math.inf,
     if math.isinf(high):
         bound = f"> {low:g}" if low_open else f">= {low:g}"
     else:
-        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     bounded = not (math.isinf(low) and math.isinf(high))
     # Comparisons rather than math.isfinite: torch.compile traces them on a float it made
     # symbolic (dynamic=True), and cannot trace math.isfinite (NaN fails both comparisons).
     if not -math.inf < value < math.inf:
         also = f"; it must be {bound}" if bounded else ""
         raise ValueError(f"{name} must be finite{also}{why}, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
         raise ValueError(f"{name} must be {bound}{why}, got {value!r}")
     return float(value)
 
@@ -110,12 +110,17 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+def check_choice(name: str, value, choices: Tuple[str, ...]) -> str:
+    """One of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {', '.join(choices)}; got {_type_name(value)}: {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def check_mode(mode) -> str:
-    if not isinstance(mode, str):
-        raise TypeError(f"mode must be a str, one of {', '.join(MERGE_MODES)}; got {type(mode).__name__}: {mode!r}")
-    if mode not in MERGE_MODES:
-        raise ValueError(f"mode must be one of {', '.join(MERGE_MODES)}, got {mode!r}")
-    return mode
+    return check_choice("mode", mode, MERGE_MODES)
 
 
 def check_metric(metric) -> Tuple[int, int]:

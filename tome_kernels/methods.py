@@ -21,7 +21,7 @@ from .backends import select_backend
 from .backends.ambient import fixed_numerics
 from .backends.base import Backend
 from .plan import MergePlan
-from .reference import partition, roles
+from .reference import energy, partition, roles
 
 # PiToMe's margin at the first block (Tran et al. 2024); the patches lower it with depth.
 PITOME_MARGIN = 0.9
@@ -53,13 +53,20 @@ def _clamped_r(r, tokens: int, protected: int) -> int:
     return max(min(checks.check_r(r), (tokens - protected) // 2), 0)
 
 
-def check_pitome_energy(margin, alpha) -> Tuple[float, float]:
-    """PiToMe's margin is a cosine similarity, so within [-1, 1] (beyond it every similarity
-    falls on one side and the margin no longer separates anything); alpha scales the
-    penalty below it and must be positive (0 would flatten it, a negative one reverse it)."""
-    margin = checks.check_real("margin", margin, -1.0, 1.0, meaning="a cosine similarity")
+def check_pitome_options(margin, alpha, energy_form, split) -> Tuple[float, float, str, str]:
+    """PiToMe's options, checked. ``energy_form`` and ``split`` name a form of
+    ``reference.energy.FORMS`` and a split of ``reference.roles.SPLITS``. The margin is a
+    cosine similarity, so within [-1, 1] (beyond it every similarity falls on one side and
+    the margin no longer separates anything), and below 1 for the Gaussian form, whose width
+    is 1 - margin; alpha scales the ELU forms' penalty below the margin and must be positive
+    (0 would flatten it, a negative one reverse it)."""
+    energy_form = checks.check_choice("energy_form", energy_form, energy.FORMS)
+    split = checks.check_choice("split", split, roles.SPLITS)
+    gaussian = energy_form == "gaussian"
+    meaning = "a cosine similarity; the Gaussian energy's width is 1 - margin" if gaussian else "a cosine similarity"
+    margin = checks.check_real("margin", margin, -1.0, 1.0, high_open=gaussian, meaning=meaning)
     alpha = checks.check_real("alpha", alpha, 0.0, low_open=True, meaning="the scale of the energy below the margin")
-    return margin, alpha
+    return margin, alpha, energy_form, split
 
 
 @fixed_numerics
@@ -69,34 +76,51 @@ def pitome_match(
     *,
     margin: float = PITOME_MARGIN,
     alpha: float = 1.0,
-    shifted: bool = False,
+    energy_form: str = "elu",
+    split: str = "alternate",
     class_token: bool = False,
     distill_token: bool = False,
     real: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> MergePlan:
-    """PiToMe (Tran et al., NeurIPS 2024): remove ``r`` tokens, protecting informative ones.
+    """PiToMe (Tran et al., "Accelerating Transformers with Spectrum-Preserving Token
+    Merging", NeurIPS 2024): remove ``r`` tokens, protecting informative ones.
 
-    Every token's energy ``mean_j f(cos(k_i, k_j))`` (``tome_kernels.reference.energy``) is computed by
-    a fused kernel; the 2r unprotected tokens of highest energy are mergeable and alternate
-    by energy rank into sources and destinations; every source merges into its most similar
-    destination. All other tokens (low energy, class / distill token) are kept as they are.
+    The protected tokens (class, distillation) are kept and left out of everything below.
+    Every other token's energy, ``mean_j f(cos(k_i, k_j))`` over those tokens
+    (``tome_kernels.reference.energy``), is computed by a fused kernel; the tokens ranked by
+    energy are split into sources and destinations (``split``); every source merges into its
+    most similar destination. The defaults are what the authors' image code computes; the
+    paper's equation (4) is ``energy_form="paper"``, their text code ``energy_form="gaussian",
+    split="halves"`` (docs/methods.md, "PiToMe").
 
     Args:
-        metric: (B, N, D) features or keys (B, H, N, Dh).
+        metric: (B, N, D) features or keys (B, H, N, Dh), any float dtype; energies and
+            similarities are float64 for float64, float32 otherwise.
         r: tokens to remove, clamped to (N - protected tokens) // 2 and to at least 0.
-        margin: m in f, in [-1, 1]; the paper lowers it with depth, m = 0.9 (1 - l / L) at
-            block l of L.
-        alpha: the scale of f below the margin, > 0.
-        shifted: f(x) = x - m above the margin (the authors' code) instead of x (the paper).
+        margin: m in f, in [-1, 1] (below 1 for "gaussian"); the patches lower it with depth.
+        alpha: the scale of f below the margin for "elu" and "paper", > 0.
+        energy_form: "elu" (ELU(x - m), the authors' image code), "paper" (x above the
+            margin, equation (4)) or "gaussian" (exp(-((1 - x) / (1 - m))^2 / 2), the
+            authors' text code).
+        split: "alternate" (the 2r highest-energy tokens, alternately source and
+            destination), "halves" (the r highest sources, the next r destinations) or
+            "bipartite" (all tokens alternately, then ToMe's r best edges: the authors'
+            ``pitome_bsm``). See ``reference.roles.pitome``.
         class_token, distill_token: tokens 0 and 1 are protected.
         real: for a padded batch whose padding has NaN metric rows, (B, N) bool, the real
             tokens: each row takes the roles it would take alone (``roles.pitome``).
+        backend: as in ``bipartite_merge``.
+
+    Returns:
+        A ``MergePlan`` of N - r output rows (kept tokens in token order).
+
+    Raises:
+        TypeError, ValueError: a bad metric, r, option or ``real``, naming the argument.
     """
     protected = _protected(metric, class_token, distill_token)
     r = _clamped_r(r, metric.shape[-2], protected)
-    margin, alpha = check_pitome_energy(margin, alpha)
-    checks.check_flag("shifted", shifted)
+    margin, alpha, energy_form, split = check_pitome_options(margin, alpha, energy_form, split)
     if real is not None:
         expected = (metric.shape[0], metric.shape[-2])
         if not isinstance(real, Tensor) or real.dtype != torch.bool:
@@ -108,8 +132,10 @@ def pitome_match(
     impl = select_backend(backend, (metric,))
     if r == 0:
         return _identity(metric, impl)
-    energy = impl.energy(metric, margin, alpha, shifted)
-    return _plan(metric, roles.pitome(energy, r, protected, real), r, impl)
+    # The protected tokens leave the energy: a view of the others, which every kernel reads
+    # through its strides.
+    scores = impl.energy(metric[..., protected:, :], margin, alpha, energy_form)
+    return _plan(metric, roles.pitome(scores, r, protected, real, split), r, impl)
 
 
 def pitome_merge(

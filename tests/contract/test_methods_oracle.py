@@ -36,18 +36,21 @@ def scores_of(metric):
     return m @ m.transpose(-1, -2)
 
 
-def oracle_energy(scores_row, margin, alpha, shifted):
-    """PiToMe's energy of every token: the mean over all tokens j of f(cos), NaN left out."""
+def oracle_energy(scores_row, margin, alpha, form, protected=0):
+    """PiToMe's energy of every unprotected token: the mean over the unprotected tokens j of
+    f(cos), NaN left out (energies of protected tokens are None)."""
     n = scores_row.shape[0]
-    energies = []
-    for i in range(n):
+    energies = [None] * protected
+    for i in range(protected, n):
         values = []
-        for j in range(n):
+        for j in range(protected, n):
             s = float(scores_row[i, j])
             if math.isnan(s):
                 continue
-            if s >= margin:
-                values.append(s - margin if shifted else s)
+            if form == "gaussian":
+                values.append(math.exp(-0.5 * ((1 - s) / (1 - margin)) ** 2))
+            elif s >= margin:
+                values.append(s - margin if form == "elu" else s)
             else:
                 values.append(alpha * (math.exp(s - margin) - 1.0))
         energies.append(sum(values) / len(values) if values else -math.inf)
@@ -82,12 +85,12 @@ def merge_best(scores_row, n, sources, destinations_of, r):
     return groups_from(n, {s: best[s][1] for s in chosen})
 
 
-def pitome_oracle(scores_row, r, protected, margin, alpha, shifted):
+def pitome_oracle(scores_row, r, protected, margin, alpha, form):
     n = scores_row.shape[0]
     r = max(0, min(r, (n - protected) // 2))
     if r == 0:
         return [[t] for t in range(n)]
-    energy = oracle_energy(scores_row, margin, alpha, shifted)
+    energy = oracle_energy(scores_row, margin, alpha, form, protected)
     ranked = sorted(range(protected, n), key=lambda t: (-energy[t], t))[: 2 * r]
     a, b = ranked[0::2], ranked[1::2]
     return merge_best(scores_row, n, a, lambda s: b, r)
@@ -159,7 +162,7 @@ def random_metric(shape, seed):
 def min_gap(values):
     """The smallest distance between two finite values: energies closer than float32
     rounding could rank differently here and in the package (which sums in float32)."""
-    finite = sorted(v for v in values if v != -math.inf)
+    finite = sorted(v for v in values if v is not None and v != -math.inf)
     return min((b - a for a, b in zip(finite, finite[1:])), default=math.inf)
 
 
@@ -167,23 +170,27 @@ def min_gap(values):
 @pytest.mark.parametrize("shape,r,flags,options", [
     ((2, 14, 6), 4, {}, {}),
     ((2, 15, 6), 5, dict(class_token=True), dict(margin=0.2, alpha=0.5)),
-    ((1, 2, 13, 5), 6, dict(class_token=True, distill_token=True), dict(margin=0.1, shifted=True)),
-    ((3, 9, 4), 100, dict(class_token=True), dict(margin=-0.3, alpha=2.0, shifted=True)),
+    ((1, 2, 13, 5), 6, dict(class_token=True, distill_token=True), dict(margin=0.1, energy_form="paper")),
+    ((3, 9, 4), 100, dict(class_token=True), dict(margin=-0.3, alpha=2.0, energy_form="paper")),
+    ((2, 16, 5), 5, dict(class_token=True), dict(margin=0.4, energy_form="gaussian")),
 ], ids=str)
 def test_pitome_matches_its_oracle(backend, shape, r, flags, options):
     metric = random_metric(shape, seed=sum(shape) + r)
-    f = {"margin": 0.9, "alpha": 1.0, "shifted": False, **options}
+    f = dict(margin=options.get("margin", 0.9), alpha=options.get("alpha", 1.0), form=options.get("energy_form", "elu"))
+    protected = len(flags)
     scores = scores_of(metric)
     plan = pitome_match(metric, r, **flags, **options, backend=backend)
+    unprotected = metric[..., protected:, :]
     expected = []
     for b in range(shape[0]):
-        energy = oracle_energy(scores[b], f["margin"], f["alpha"], f["shifted"])
+        energy = oracle_energy(scores[b], f["margin"], f["alpha"], f["form"], protected)
         assert min_gap(energy) > 1e-5, "the test metric has a near-tie in energy; choose another seed"
         # The oracle's exact mean of the same float32 scores, rounded once, is the reference
         # path; the truth is the energy of the metric in float64 throughout.
-        assert_within_twice_reference_error(energy_module.energy(metric, **f)[b],
-                                            torch.tensor(energy, dtype=torch.float32), energy_float64(metric, **f)[b])
-        expected.append(pitome_oracle(scores[b], r, len(flags), f["margin"], f["alpha"], f["shifted"]))
+        assert_within_twice_reference_error(energy_module.energy(unprotected, **f)[b],
+                                            torch.tensor(energy[protected:], dtype=torch.float32),
+                                            energy_float64(unprotected, **f)[b])
+        expected.append(pitome_oracle(scores[b], r, protected, f["margin"], f["alpha"], f["form"]))
     assert_plan(plan, expected, metric.shape[-2])
 
 
@@ -194,11 +201,11 @@ def test_pitome_energy_ties_and_nan_rows():
     metric[0, 7] = metric[0, 2]
     metric[0, 4] = NAN
     scores = scores_of(metric)
-    energy = oracle_energy(scores[0], 0.5, 1.0, False)
+    energy = oracle_energy(scores[0], 0.5, 1.0, "elu")
     assert energy[4] == -math.inf and energy[2] == energy[7]
     for r in (2, 3, 5, 6):
         plan = pitome_match(metric, r, margin=0.5, backend="reference")
-        assert_plan(plan, [pitome_oracle(scores[0], r, 0, 0.5, 1.0, False)], 12)
+        assert_plan(plan, [pitome_oracle(scores[0], r, 0, 0.5, 1.0, "elu")], 12)
     # r = 6 makes all 12 tokens mergeable: the NaN row ranks last, is a destination, and
     # no source prefers it.
     plan = pitome_match(metric, 6, margin=0.5, backend="reference")

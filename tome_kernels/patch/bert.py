@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from ..backends import check_backend_name
 from ..checks import check_flag
-from ..methods import PITOME_MARGIN
 from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
-from .options import check_method
+from .options import check_method, resolve_prop_attn
 from .schedule import RSchedule, r_per_block
 from .state import PADDING_SIZE, ToMeState
 
@@ -197,9 +196,9 @@ def _check_model(model) -> List[nn.Module]:
     return list(layers)
 
 
-def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: float = PITOME_MARGIN,
-               alpha: float = 1.0, shifted: bool = False, prop_attn: bool = True, backend: str = "auto",
-               trace_source: bool = False) -> nn.Module:
+def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: Optional[str] = None,
+               margin=None, alpha: Optional[float] = None, energy_form: Optional[str] = None, split=None,
+               prop_attn: Optional[bool] = None, backend: str = "auto", trace_source: bool = False) -> nn.Module:
     """Patch a BERT-style encoder in place to merge tokens in every layer; returns it.
 
     Args:
@@ -207,11 +206,18 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
             attn_implementation "eager" or "sdpa"; or a sentence-transformers
             ``SentenceTransformer`` over one (see below).
         r: tokens removed per layer: an int, a per-layer list, or ``(r, inflection)``.
-        method: "tome" (ToMe's bipartite matching) or "pitome" (``tome_kernels.pitome_match``
-            with margin ``margin * (1 - l / L)`` at layer l of L). DSM needs a patch grid:
-            it is for ``patch.timm`` only.
-        margin, alpha, shifted: PiToMe's energy (method="pitome" only).
-        prop_attn: proportional attention (log(size) added to the attention logits).
+        method: "tome" (ToMe's bipartite matching, Bolya et al., ICLR 2023) or "pitome"
+            (PiToMe, Tran et al., NeurIPS 2024; ``tome_kernels.pitome_match``). DSM needs a
+            patch grid: it is for ``patch.timm`` only.
+        preset: PiToMe's configuration (method="pitome" only), ``patch.options.PRESETS``:
+            "authors_text" (the default: the authors' BERT patch: Gaussian energy of width
+            1 - m, margin 0.9 - 0.25 l / L, the r highest-energy tokens merged into the next
+            r, no proportional attention) or "paper" (equation (4), margin 0.9 (1 - l / L),
+            alternating split, proportional attention); the vision presets are accepted too.
+        margin, alpha, energy_form, split: override the preset (method="pitome" only), as in
+            ``patch.timm``.
+        prop_attn: proportional attention (log(size) added to the attention logits); None:
+            on, except where a PiToMe preset says otherwise.
         backend: the merge backend, as in ``bipartite_merge``.
         trace_source: keep, per sequence, the final token of every input token
             (``get_state(model).token_map``).
@@ -233,12 +239,13 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
-    check_flag("prop_attn", prop_attn)
     check_flag("trace_source", trace_source)
-    options = check_method(method, ("tome", "pitome"), margin=margin, alpha=alpha, shifted=shifted)
     inner = sentence_transformer_bert(model)
     encoder = model if inner is None else inner
     layers = _check_model(encoder)
+    options = check_method(method, ("tome", "pitome"), len(layers), "authors_text", preset=preset, margin=margin,
+                           alpha=alpha, energy_form=energy_form, split=split)
+    prop_attn = resolve_prop_attn(prop_attn, options)
     schedule = r_per_block(r, len(layers))
     remove(encoder)
     # Unmerging the output needs the token map.

@@ -1,49 +1,136 @@
 """How the blocks of a patched model match: ToMe's bipartite matching, PiToMe's
 energy-protected matching, or DSM (windows of the patch grid at its first merging block,
-ToMe's matching after it), with their options, checked at patch time."""
+ToMe's matching after it), with their options, checked at patch time.
 
-from typing import NamedTuple, Tuple
+PiToMe's options per block come from a preset (``PRESETS``), each of which any option given
+explicitly overrides: the configurations of the authors' code per model family (Tran et al.,
+NeurIPS 2024; hchautran/PiToMe, read in November 2026), and the paper's formula.
+"""
 
-from ..checks import check_flag, check_int, check_int_pair
-from ..methods import PITOME_MARGIN, check_pitome_energy
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+from ..checks import check_choice, check_flag, check_int, check_int_pair, is_real
+from ..methods import check_pitome_options
 
 METHODS = ("tome", "pitome", "dsm")
 
 
+class Preset(NamedTuple):
+    """A PiToMe configuration: the margin of block l of L is ``start - (start - end) * l / L``;
+    ``first_split`` in blocks 0 .. ceil(L / 2) - 1, ``second_split`` in the others."""
+
+    start: float
+    end: float
+    energy_form: str
+    first_split: str
+    second_split: str
+    prop_attn: bool
+    about: str
+
+
+PRESETS = {
+    "authors_vit": Preset(0.75, 0.0, "elu", "bipartite", "alternate", False,
+                          "the authors' DeiT / ViT patch"),
+    "authors_mae": Preset(0.75, 0.0, "elu", "alternate", "bipartite", False,
+                          "the authors' MAE patch"),
+    "authors_text": Preset(0.9, 0.65, "gaussian", "halves", "halves", False,
+                           "the authors' BERT patch"),
+    "paper": Preset(0.9, 0.0, "paper", "alternate", "alternate", True,
+                    "equation (4) of the paper, margin 0.9 (1 - l / L)"),
+}
+
+
 class MethodOptions(NamedTuple):
-    """How the blocks match. ``margin``, ``alpha``, ``shifted``: PiToMe's energy (the margin
-    of block l of L is ``margin * (1 - l / L)``); ``delay``: DSM's first merging block, which
-    merges within ``window`` windows of the patch grid."""
+    """How the blocks match. PiToMe: ``margins`` and ``splits`` per block, ``alpha``,
+    ``energy_form`` (``pitome_match``'s options), from ``preset`` and the options given;
+    DSM: ``delay``, its first merging block, which merges within ``window`` windows of the
+    patch grid. ``prop_attn``: the method's proportional attention unless the patch is told."""
 
     method: str = "tome"
-    margin: float = PITOME_MARGIN
+    preset: Optional[str] = None
+    margins: Tuple[float, ...] = ()
     alpha: float = 1.0
-    shifted: bool = False
+    energy_form: str = "elu"
+    splits: Tuple[str, ...] = ()
     delay: int = 0
     window: Tuple[int, int] = (2, 2)
+    prop_attn: bool = True
 
 
-def check_method(method, allowed: Tuple[str, ...], **options) -> MethodOptions:
-    """The checked options of ``method``. An option the method does not use must keep its
-    default: a margin given with method="tome" would otherwise be ignored without a word."""
+def _per_block(name: str, value, num_blocks: int) -> Optional[list]:
+    """A per-block list or tuple given for ``name``, checked for its length; None for a single value."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    if len(value) != num_blocks:
+        raise ValueError(f"{name} as a list needs one value per block ({num_blocks}), got {len(value)}")
+    return list(value)
+
+
+def _margins(margin, preset: Preset, num_blocks: int) -> List:
+    """Each block's margin: the preset's schedule; a number m0 gives m0 (1 - l / L) at block l
+    of L (the paper's rule); a list gives them all."""
+    listed = _per_block("margin", margin, num_blocks)
+    if listed is not None:
+        return listed
+    if margin is None:
+        return [preset.start - (preset.start - preset.end) * block / num_blocks for block in range(num_blocks)]
+    if not is_real(margin):
+        raise TypeError(f"margin must be a real number or a list of one per block, got {type(margin).__name__}")
+    return [margin * (1 - block / num_blocks) for block in range(num_blocks)]
+
+
+def _splits(split, preset: Preset, num_blocks: int) -> List:
+    listed = _per_block("split", split, num_blocks)
+    if listed is not None:
+        return listed
+    if split is not None:
+        return [split] * num_blocks
+    first = math.ceil(num_blocks / 2)
+    return [preset.first_split] * first + [preset.second_split] * (num_blocks - first)
+
+
+def check_method(method, allowed: Tuple[str, ...], num_blocks: int, default_preset: str = "authors_vit", *,
+                 preset=None, margin=None, alpha=None, energy_form=None, split=None,
+                 delay=0, window=(2, 2)) -> MethodOptions:
+    """The checked options of ``method`` for a model of ``num_blocks`` blocks. An option the
+    method does not use must not be given (PiToMe's: None; DSM's: their defaults): a margin
+    given with method="tome" would otherwise be ignored without a word."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, one of {', '.join(allowed)}; got {type(method).__name__}")
     if method not in allowed:
         why = " (DSM merges in windows of a patch grid: timm ViTs only)" if method in METHODS else ""
         raise ValueError(f"method must be one of {', '.join(allowed)}, got {method!r}{why}")
-    default = MethodOptions()
-    # PiToMe's margin and alpha by pitome_match's own rule: a patch takes what the function takes.
-    margin, alpha = check_pitome_energy(options.get("margin", default.margin), options.get("alpha", default.alpha))
-    checked = dict(
-        margin=margin,
-        alpha=alpha,
-        shifted=check_flag("shifted", options.get("shifted", default.shifted)),
-        window=check_int_pair("window", options.get("window", default.window)),
-    )
-    checked["delay"] = check_int("delay", options.get("delay", default.delay), 0, "blocks without merging")
-    users = {"margin": "pitome", "alpha": "pitome", "shifted": "pitome", "delay": "dsm", "window": "dsm"}
-    unused = [name for name, user in users.items() if user != method and checked[name] != getattr(default, name)]
+    given = dict(preset=preset, margin=margin, alpha=alpha, energy_form=energy_form, split=split)
+    unused = [name for name, value in given.items() if value is not None and method != "pitome"]
+    unused += [name for name, value, default in (("delay", delay, 0), ("window", window, (2, 2)))
+               if method != "dsm" and value != default]
     if unused:
+        user = "pitome" if unused[0] in given else "dsm"
         verb = "applies" if len(unused) == 1 else "apply"
-        raise ValueError(f"{', '.join(unused)} {verb} to method={users[unused[0]]!r} only, not method={method!r}")
-    return MethodOptions(method, **checked)
+        raise ValueError(f"{', '.join(unused)} {verb} to method={user!r} only, not method={method!r}")
+    delay = check_int("delay", delay, 0, "blocks without merging")
+    window = check_int_pair("window", window)
+    if method != "pitome":
+        return MethodOptions(method, delay=delay, window=window)
+    name = check_choice("preset", default_preset if preset is None else preset, tuple(PRESETS))
+    chosen = PRESETS[name]
+    energy_form = chosen.energy_form if energy_form is None else energy_form
+    alpha = 1.0 if alpha is None else alpha
+    margins, splits = [], []
+    # pitome_match's own checks, per block: a patch takes what the function takes.
+    for block, (m, s) in enumerate(zip(_margins(margin, chosen, num_blocks), _splits(split, chosen, num_blocks))):
+        try:
+            m, alpha, energy_form, s = check_pitome_options(m, alpha, energy_form, s)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"block {block}: {error}") from None
+        margins.append(m)
+        splits.append(s)
+    return MethodOptions(method, name, tuple(margins), alpha, energy_form, tuple(splits), delay, window,
+                         chosen.prop_attn)
+
+
+def resolve_prop_attn(prop_attn, options: MethodOptions) -> bool:
+    """Proportional attention: as given, or the method's (PiToMe's preset's) when None."""
+    return options.prop_attn if prop_attn is None else check_flag("prop_attn", prop_attn)
+

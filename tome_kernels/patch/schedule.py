@@ -1,5 +1,6 @@
 """How many tokens each block merges away: the r schedules of docs/models.md ("r schedules")."""
 
+import math
 from typing import List, Sequence, Tuple, Union
 
 from ..checks import check_int, check_real
@@ -56,3 +57,22 @@ def dsm_r_per_block(r: int, num_blocks: int, delay: int) -> List[int]:
     merging = num_blocks - delay
     each, extra = divmod(r * num_blocks, merging)
     return [0] * delay + [each + (1 if i < extra else 0) for i in range(merging)]
+
+
+def keep_ratio_r(ratio: float, tokens: int, num_blocks: int, protected: int = 1) -> List[int]:
+    """The r per block that a keep ratio gives a model seeing ``tokens`` tokens at its first
+    block, ``protected`` of them kept (class / distillation tokens): each block removes
+    floor(T - T * ratio) of the T unprotected tokens it sees, as the PiToMe authors' image
+    code does, clamped to T // 2 as every block clamps its r. ``ratio`` in (0, 1]; 1 keeps
+    everything. Pass the list as ``r`` to the patches."""
+    ratio = check_real("ratio", ratio, 0.0, 1.0, low_open=True, meaning="the share of tokens each block keeps")
+    tokens = check_int("tokens", tokens, 0, "the tokens at the first block")
+    num_blocks = check_int("num_blocks", num_blocks, 1, "the blocks of the model")
+    protected = check_int("protected", protected, 0, "tokens never merged")
+    schedule = []
+    remaining = max(tokens - protected, 0)
+    for _ in range(num_blocks):
+        r = min(math.floor(remaining - remaining * ratio), remaining // 2)
+        schedule.append(r)
+        remaining -= r
+    return schedule

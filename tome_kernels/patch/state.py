@@ -186,8 +186,9 @@ class ToMeState:
         flags = dict(class_token=self.class_token, distill_token=self.distill_token, backend=self.backend)
         method = self.options.method
         if method == "pitome":
-            pitome = dict(margin=self.options.margin * (1 - self.block / len(self.r)), alpha=self.options.alpha,
-                          shifted=self.options.shifted, **flags)
+            options = self.options
+            pitome = dict(margin=options.margins[self.block], alpha=options.alpha, energy_form=options.energy_form,
+                          split=options.splits[self.block], **flags)
             real = self.size[..., 0] >= VALID_SIZE if self.padded else None
             return pitome_match(keys, r, real=real, **pitome)
         if method == "dsm" and self.block == self.options.delay:

@@ -18,9 +18,8 @@ from torch import Tensor, nn
 
 from ..backends import check_backend_name
 from ..checks import check_flag
-from ..methods import PITOME_MARGIN
 from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
-from .options import check_method
+from .options import check_method, resolve_prop_attn
 from .schedule import RSchedule, dsm_r_per_block, r_per_block
 from .state import ToMeState
 
@@ -161,9 +160,10 @@ class _PatchGridRecorder:
         self.state.grid_size = None if grid is None else (int(grid[0]), int(grid[1]))
 
 
-def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: float = PITOME_MARGIN,
-               alpha: float = 1.0, shifted: bool = False, delay: int = 0, window: Tuple[int, int] = (2, 2),
-               trace_source: bool = False, prop_attn: bool = True, backend: str = "auto") -> nn.Module:
+def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: Optional[str] = None,
+               margin=None, alpha: Optional[float] = None, energy_form: Optional[str] = None, split=None,
+               delay: int = 0, window: Tuple[int, int] = (2, 2), trace_source: bool = False,
+               prop_attn: Optional[bool] = None, backend: str = "auto") -> nn.Module:
     """Patch a timm VisionTransformer in place to merge tokens in every block; returns it.
 
     Args:
@@ -171,32 +171,46 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", margin: 
         r: tokens removed per block: an int, a per-block list, or ``(r, inflection)``;
             with method="dsm", an int: the budget is r per block over all blocks.
         method: how each block matches:
-            - "tome": ToMe's bipartite matching;
-            - "pitome": PiToMe (``tome_kernels.pitome_match``), same r schedule, margin
-              ``margin * (1 - l / L)`` at block l of L;
+            - "tome": ToMe's bipartite matching (Bolya et al., ICLR 2023);
+            - "pitome": PiToMe (Tran et al., NeurIPS 2024; ``tome_kernels.pitome_match``),
+              same r schedule, configured by ``preset`` and the options below;
             - "dsm": delayed spatial merging: blocks ``0 .. delay-1`` merge nothing, the
               budget ``r * L`` is spread over the others (``dsm_r_per_block``); block
               ``delay`` merges within ``window`` windows of the patch grid
               (``tome_kernels.window_match``), every later block with ToMe's matching.
-        margin, alpha, shifted: PiToMe's energy (method="pitome" only).
+        preset: PiToMe's configuration (method="pitome" only), ``patch.options.PRESETS``:
+            "authors_vit" (the default: the authors' DeiT / ViT patch: margin
+            0.75 (1 - l / L), ELU energy, their bipartite split in the first ceil(L / 2)
+            blocks and the alternating one after, no proportional attention),
+            "authors_mae" (the same with the two splits swapped, as their MAE patch), or
+            "paper" (equation (4), margin 0.9 (1 - l / L), alternating split, proportional
+            attention). docs/methods.md lists what differs from the authors' code.
+        margin, alpha, energy_form, split: override the preset (method="pitome" only):
+            margin a number m0 (m0 (1 - l / L) at block l of L) or one per block; split a
+            name or one per block; as in ``pitome_match``.
         delay, window: DSM's delay and windows (method="dsm" only).
         trace_source: keep, per image, the final token of every input token
             (``get_state(model).token_map``, O(N) memory).
-        prop_attn: proportional attention (log(size) added to the attention logits).
+        prop_attn: proportional attention (log(size) added to the attention logits); None:
+            on, except where a PiToMe preset says otherwise.
         backend: the merge backend, as in ``bipartite_merge``.
 
     A patched model patched again is first restored, so the new settings replace the old.
     ``remove(model)`` undoes the patch.
+
+    Raises:
+        TypeError / ValueError: for a model or an argument it cannot take, before any change.
     """
     from . import remove
 
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     check_backend_name(backend)
-    check_flag("prop_attn", prop_attn)
     check_flag("trace_source", trace_source)
-    options = check_method(method, ("tome", "pitome", "dsm"), margin=margin, alpha=alpha, shifted=shifted,
-                           delay=delay, window=window)
     blocks = _check_model(model)
+    options = check_method(method, ("tome", "pitome", "dsm"), len(blocks), "authors_vit", preset=preset,
+                           margin=margin, alpha=alpha, energy_form=energy_form, split=split, delay=delay,
+                           window=window)
+    prop_attn = resolve_prop_attn(prop_attn, options)
     if options.method == "dsm":
         schedule = dsm_r_per_block(r, len(blocks), options.delay)
     else:

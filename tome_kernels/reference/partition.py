@@ -47,14 +47,15 @@ def identity(batch: int, tokens: int, device) -> Partition:
 
 @torch.no_grad()
 def assign(metric: Tensor, roles: Tensor, window: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Best destination of every source: (best (B, N) float32, dst (B, N) int64).
+    """Best destination of every source: (best (B, N), dst (B, N) int64); best is float64
+    for a float64 metric, float32 otherwise (``bipartite.score_dtype``).
 
     best is the highest cosine similarity to a destination (of the source's own window, when
     ``window`` is given), dst the lowest token index reaching it. NaN scores never win: a
     source whose scores are all NaN gets best = -inf and its first allowed destination.
     Tokens that are no source, or have no allowed destination, get best = -inf and dst = -1.
     """
-    m = bipartite.normalized_metric(metric).float()
+    m = bipartite.normalized_metric(metric)
     roles = roles.expand(m.shape[0], -1)
     scores = bipartite.similarity(m, m)
     allowed = (roles == DEST)[:, None, :]

@@ -18,39 +18,53 @@ def _roles(batch: int, tokens: int, device) -> Tensor:
     return torch.full((batch, tokens), KEEP, dtype=torch.int8, device=device)
 
 
-def order_by(values: Tensor, eligible: Tensor) -> Tensor:
-    """(B, N) token indices: eligible tokens first by value, descending (ties to the lower
-    index), then the others."""
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    # A second stable sort moves the ineligible tokens last and keeps the value order.
-    ineligible = (~eligible.expand_as(values)).gather(1, order).to(torch.uint8)
-    return order.gather(1, torch.sort(ineligible, dim=1, stable=True).indices)
+# How PiToMe splits the tokens it ranks by energy into sources and destinations.
+SPLITS = ("alternate", "halves", "bipartite")
 
 
-def pitome(energy: Tensor, k: int, protected: int, real: Optional[Tensor] = None) -> Tensor:
-    """PiToMe: the 2k unprotected tokens of highest energy are mergeable, alternately A
-    (sources: ranks 0, 2, 4, ...) and B (destinations: ranks 1, 3, 5, ...); the rest are kept.
+def pitome(energy: Tensor, k: int, protected: int, real: Optional[Tensor] = None, split: str = "alternate") -> Tensor:
+    """PiToMe's roles (B, N) int8 from the energies (B, N - protected) of the unprotected
+    tokens (the protected ones are kept), ranked by energy, descending, ties to the lower
+    index. ``split``:
 
-    ``real`` (B, N) bool marks a padded batch's real tokens (padding has energy -inf and
-    ranks last). Each row then takes the pairs it would take alone, min(k, its real
-    candidates // 2), keeps its other real tokens, and makes its padding sources, which
-    merge after every real source since they score no similarity; a row without a real
-    pair makes its top-ranked token the destination its padding merges into. Every row
-    still has k sources.
+    - "alternate" (the paper, the authors' image code): the 2k tokens of highest energy are
+      mergeable, ranks 0, 2, 4, ... sources and 1, 3, 5, ... destinations;
+    - "halves" (the authors' text code): ranks 0 .. k-1 are sources, k .. 2k-1 destinations;
+    - "bipartite" (the authors' ``pitome_bsm``): every unprotected token, even ranks sources
+      and odd ranks destinations; the partition then merges the k sources most similar to a
+      destination, as ToMe's matching does.
+
+    The other tokens are kept. ``real`` (B, N) bool marks a padded batch's real tokens
+    (padding has energy -inf and ranks last). With "alternate" and "halves" each row then
+    takes the pairs it would take alone, min(k, its real unprotected tokens // 2), keeps its
+    other real tokens, and makes its padding sources, which merge after every real source
+    since they score no similarity; a row without a real pair makes its top-ranked token the
+    destination its padding merges into. Every row still has k sources. "bipartite" needs no
+    such care: padding ranks last and scores no similarity, so it merges after every real
+    source.
     """
-    tokens = energy.shape[1]
-    position = torch.arange(tokens, device=energy.device)
-    eligible = position >= protected
-    order = order_by(energy, eligible)
+    batch, candidates = energy.shape
+    tokens = protected + candidates
+    position = torch.arange(candidates, device=energy.device)
+    order = torch.sort(energy, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, position.expand_as(order))
-    pairs = torch.full_like(rank[:, :1], k)
-    if real is not None:
-        pairs = torch.clamp((real & eligible).sum(dim=1, keepdim=True) // 2, max=k)
-    role = torch.where(rank < 2 * pairs, torch.where(rank % 2 == 0, SOURCE, DEST), KEEP)
-    if real is not None:
-        role = torch.where(~real & eligible, SOURCE, role)
-        role = torch.where((pairs == 0) & (rank == 0) & eligible, DEST, role)
-    return role.to(torch.int8)
+    if split == "bipartite":
+        role = torch.where(rank % 2 == 0, SOURCE, DEST)
+    else:
+        pairs = torch.full_like(rank[:, :1], k)
+        real = None if real is None else real[:, protected:]
+        if real is not None:
+            pairs = torch.clamp(real.sum(dim=1, keepdim=True) // 2, max=k)
+        if split == "halves":
+            role = torch.where(rank < pairs, SOURCE, torch.where(rank < 2 * pairs, DEST, KEEP))
+        else:
+            role = torch.where(rank < 2 * pairs, torch.where(rank % 2 == 0, SOURCE, DEST), KEEP)
+        if real is not None:
+            role = torch.where(~real, SOURCE, role)
+            role = torch.where((pairs == 0) & (rank == 0), DEST, role)
+    roles = _roles(batch, tokens, energy.device)
+    roles[:, protected:] = role.to(torch.int8)
+    return roles
 
 
 def kth(tokens: int, k: int, protected: int, device) -> Tuple[Tensor, int]:
