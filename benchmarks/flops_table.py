@@ -11,7 +11,8 @@ Counts, not timings: they are the same on every machine, so nothing is saved.
 The merge column is what the counter sees between each block's attention and its MLP (the
 counting pass runs every merge through the reference backend): for ToMe the A-by-B
 similarity, ceil(N/2) * floor(N/2) * head_dim per merging block; for PiToMe the energy's
-N x N similarity (N^2 * head_dim, given apart) and the assignment's, which the reference
+similarity over the N - 1 tokens after the class token ((N - 1)^2 * head_dim, given apart)
+and the assignment's, which the reference
 also computes over all N x N pairs; for DSM, the window stage's N x N assignment at its
 first merging block and ToMe's matching after it.
 """
@@ -49,12 +50,13 @@ def _label(method: str, options: dict) -> str:
     return method if not options else f"{method} (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
 
 
-def energy_gflops(report, head_dim: int, method: str) -> float:
-    """PiToMe's energy, N^2 * head_dim multiply-adds in every block that merges (the keys are
-    averaged over the heads before the similarity)."""
+def energy_gflops(report, head_dim: int, method: str, protected: int) -> float:
+    """PiToMe's energy, (N - protected)^2 * head_dim multiply-adds in every block that merges:
+    the protected tokens are left out, and the keys are averaged over the heads before the
+    similarity."""
     if method != "pitome":
         return 0.0
-    return sum(b.tokens_in ** 2 * head_dim for b in report.blocks if b.tokens_out < b.tokens_in) / 1e9
+    return sum((b.tokens_in - protected) ** 2 * head_dim for b in report.blocks if b.tokens_out < b.tokens_in) / 1e9
 
 
 def main(argv=None) -> None:
@@ -81,7 +83,9 @@ def main(argv=None) -> None:
             report = flop_report(model, img_size)
             base = report.gflops if base is None or r == 0 else base
             removed = sum(b.tokens_in - b.tokens_out for b in report.blocks)
-            energy = energy_gflops(report, head_dim, method)
+            state = tome_kernels.patch.get_state(model)
+            protected = int(state.class_token) + int(state.distill_token)
+            energy = energy_gflops(report, head_dim, method, protected)
             merge = f"{report.merge_gflops:.4f}" + (f" ({energy:.4f})" if energy else "")
             print(f"| {name} | {report.img_size[0]} | {_label(method, options)} | {r} | {report.gflops:.3f} "
                   f"| {report.gflops / base:.2f} | {merge} | {removed} | {report.tokens[-1]} |")

