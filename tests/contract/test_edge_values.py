@@ -23,7 +23,7 @@ from tests.helpers import assert_within_twice_reference_error, cpu_backend_cases
 from tome_kernels import checks
 from tome_kernels import plan as plan_module
 from tome_kernels.backends import registry
-from tome_kernels.patch.schedule import dsm_r_per_block, r_per_block
+from tome_kernels.patch.schedule import dsm_r_per_block, keep_ratio_r, r_per_block
 
 NAN, INF = float("nan"), float("inf")
 
@@ -72,6 +72,10 @@ METHODS = {
         ("x", "size"), tome_kernels.pitome_merge(x, m, 3, s, class_token=ct, distill_token=dt, backend=be))),
     "pitome_match": lambda m, x, s, ct, dt, be: plan_outputs(
         tome_kernels.pitome_match(m, 3, margin=0.2, class_token=ct, distill_token=dt, backend=be), x, s),
+    "pitome_match bipartite": lambda m, x, s, ct, dt, be: plan_outputs(tome_kernels.pitome_match(
+        m, 3, margin=0.2, split="bipartite", class_token=ct, distill_token=dt, backend=be), x, s),
+    "pitome_match text": lambda m, x, s, ct, dt, be: plan_outputs(tome_kernels.pitome_match(
+        m, 3, margin=0.6, energy_form="gaussian", split="halves", class_token=ct, distill_token=dt, backend=be), x, s),
     "kth_bipartite_match": lambda m, x, s, ct, dt, be: plan_outputs(
         tome_kernels.kth_bipartite_match(m, 2, class_token=ct, distill_token=dt, backend=be), x, s),
     "random_bipartite_match": lambda m, x, s, ct, dt, be: plan_outputs(tome_kernels.random_bipartite_match(
@@ -361,6 +365,9 @@ COUNTS = {
     "r_per_block (r, inflection)": (lambda v: r_per_block((v, 0.5), 4), 2),
     "r_per_block num_blocks": (lambda v: r_per_block(2, v), 4),
     "dsm_r_per_block delay": (lambda v: dsm_r_per_block(2, 4, v), 1),
+    "keep_ratio_r tokens": (lambda v: keep_ratio_r(0.9, v, 4), 17),
+    "keep_ratio_r num_blocks": (lambda v: keep_ratio_r(0.9, 17, v), 4),
+    "keep_ratio_r protected": (lambda v: keep_ratio_r(0.9, 17, 4, v), 1),
     "patch.timm r": (lambda v: tome_patch.timm(make_vit(), v), 2),
     "patch.timm delay": (lambda v: tome_patch.timm(make_vit(), 2, method="dsm", delay=v), 1),
     "patch.timm window": (lambda v: tome_patch.timm(make_vit(), 2, method="dsm", window=(v, 2)), 2),
@@ -393,6 +400,9 @@ REALS = {
     "pitome_match alpha": (lambda v: tome_kernels.pitome_match(METRIC, 2, alpha=v), 0.5, 0.0),
     "pitome_merge margin": (lambda v: tome_kernels.pitome_merge(X, METRIC, 2, margin=v), -0.5, -1.01),
     "r_per_block inflection": (lambda v: r_per_block((2, v), 4), 0.5, 2.0),
+    "keep_ratio_r ratio": (lambda v: keep_ratio_r(v, 17, 4), 0.5, 0.0),
+    "pitome_match margin (gaussian)": (lambda v: tome_kernels.pitome_match(METRIC, 2, margin=v, energy_form="gaussian"),
+                                       0.5, 1.0),
     "patch.timm margin": (lambda v: tome_patch.timm(make_vit(), 2, method="pitome", margin=v), 0.5, 4.0),
     "patch.timm alpha": (lambda v: tome_patch.timm(make_vit(), 2, method="pitome", alpha=v), 2.0, -1.0),
     "patch.bert margin": (lambda v: tome_patch.bert(make_bert(), 2, method="pitome", margin=v), 0.5, -2.0),
@@ -424,6 +434,27 @@ def test_pitome_ranges_are_the_same_in_the_patches():
         with pytest.raises(ValueError) as patched:
             tome_patch.timm(make_vit(), 2, method="pitome", **options)
         assert str(direct.value) == str(patched.value)
+
+
+# Every choice argument: name -> call(value), and a valid value.
+CHOICES = {
+    "energy_form": (lambda v: tome_kernels.pitome_match(METRIC, 2, energy_form=v), "paper"),
+    "split": (lambda v: tome_kernels.pitome_match(METRIC, 2, split=v), "halves"),
+    "preset": (lambda v: tome_patch.timm(make_vit(), 2, method="pitome", preset=v), "authors_mae"),
+}
+
+
+@pytest.mark.parametrize("name", CHOICES)
+def test_choice_arguments_one_rule(name):
+    """A choice is one of the listed str: another type is a TypeError, another name a
+    ValueError listing the choices."""
+    call, valid = CHOICES[name]
+    call(valid)
+    for bad in (1, [valid], b"paper"):
+        with pytest.raises(TypeError, match=f"{name} must be a str, one of"):
+            call(bad)
+    with pytest.raises(ValueError, match=f"{name} must be one of .*{valid}"):
+        call(valid.upper())
 
 
 def test_mode_must_be_a_str():

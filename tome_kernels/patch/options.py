@@ -118,11 +118,15 @@ def check_method(method, allowed: Tuple[str, ...], num_blocks: int, default_pres
     energy_form = chosen.energy_form if energy_form is None else energy_form
     alpha = 1.0 if alpha is None else alpha
     margins, splits = [], []
-    # pitome_match's own checks, per block: a patch takes what the function takes.
+    # pitome_match's own checks, per block: a patch takes what the function takes, and says
+    # so in the same words; which block, where the values were given per block.
+    per_block = isinstance(margin, (list, tuple)) or isinstance(split, (list, tuple))
     for block, (m, s) in enumerate(zip(_margins(margin, chosen, num_blocks), _splits(split, chosen, num_blocks))):
         try:
             m, alpha, energy_form, s = check_pitome_options(m, alpha, energy_form, s)
         except (TypeError, ValueError) as error:
+            if not per_block:
+                raise
             raise type(error)(f"block {block}: {error}") from None
         margins.append(m)
         splits.append(s)
