@@ -33,11 +33,14 @@ TORCH_LIBRARY(tome_native, m) {
   // (B, N, C): every input token's output row of y. The groups serve the backward.
   m.def("unmerge(Tensor y, Tensor token_map, Tensor members, Tensor row_start) -> Tensor");
   // Each source token's best destination by cosine similarity, as partition.assign: best
-  // (B, N) float32 (-inf for tokens that are no source or have no allowed destination) and
-  // dst (B, N) int64 (-1 for those). roles int8 (KEEP 0, SOURCE 1, DEST 2) and window int32
-  // are (B, N) or (1, N), shared by the batch; a source may only take a destination of its
-  // own window when window is given.
+  // (B, N) in the scoring dtype, float64 for a float64 metric and float32 otherwise (-inf
+  // for tokens that are no source or have no allowed destination), and dst (B, N) int64 (-1
+  // for those). roles int8 (KEEP 0, SOURCE 1, DEST 2) and window int32 are (B, N) or (1, N),
+  // shared by the batch; a source may only take a destination of its own window when window
+  // is given.
   m.def("assign(Tensor metric, Tensor roles, Tensor? window) -> (Tensor best, Tensor dst)");
-  // (B, N) float32 PiToMe energy of every token, as energy.energy.
-  m.def("energy(Tensor metric, float margin, float alpha, bool shifted) -> Tensor");
+  // (B, N) PiToMe energy of every token, as energy.energy, in the scoring dtype (float64 for
+  // a float64 metric, float32 otherwise). form is the code of f, energy.FORMS.index(name):
+  // 0 "paper", 1 "elu", 2 "gaussian" (alpha unused there); any other code is refused.
+  m.def("energy(Tensor metric, float margin, float alpha, int form) -> Tensor");
 }

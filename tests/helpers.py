@@ -95,12 +95,13 @@ def normalized_float64(metric):
     return reference.normalized_metric(metric.detach().to(torch.float64))
 
 
-def energy_float64(metric, margin, alpha=1.0, shifted=False):
+def energy_float64(metric, margin, alpha=1.0, form="elu"):
     """PiToMe's energy in float64 throughout: the reference's formula
-    (``energy_of_similarity``) on float64 similarities. ``energy.energy`` itself scores in
-    float32 whatever the input dtype, so it cannot be its own truth."""
+    (``energy_of_similarity``) on float64 similarities, for the form of f ``form``. The truth
+    of ``energy.energy`` on float16 / bfloat16 / float32 metrics, which it scores in float32;
+    on a float64 metric it is that reference itself, so a float64 path needs a finer truth."""
     m = normalized_float64(metric)
-    return energy.energy_of_similarity(m @ m.transpose(-1, -2), margin, alpha, shifted)
+    return energy.energy_of_similarity(m @ m.transpose(-1, -2), margin, alpha, form)
 
 
 def best_float64(metric, best, dst):

@@ -178,9 +178,18 @@ template <typename T>
 cudaError_t launch_assign(const T* metric, const MetricView& view, const TokenRoles& roles, float* scratch, float* best,
                           int64_t* dst, cudaStream_t stream);
 
-// energy (B, N) float32, contiguous: PiToMe's energy, as energy.energy. N below 2^31.
+// The forms of PiToMe's f, by their codes (energy.FORMS.index(name)).
+enum EnergyForm : int {
+  kPaperForm = 0,     // x if x >= margin else alpha * expm1(x - margin)
+  kEluForm = 1,       // x - margin if x >= margin else alpha * expm1(x - margin)
+  kGaussianForm = 2,  // exp(-0.5 t^2), t = (1 - x) / sigma, sigma = 1 - margin
+};
+
+// energy (B, N) float32, contiguous: PiToMe's energy, as energy.energy, for the form of f
+// `form` (one of EnergyForm, which the caller has checked); sigma is used by the Gaussian
+// form only, margin and alpha by the others. N below 2^31.
 template <typename T>
-cudaError_t launch_energy(const T* metric, const MetricView& view, float margin, float alpha, bool shifted,
+cudaError_t launch_energy(const T* metric, const MetricView& view, float margin, float alpha, float sigma, int form,
                           float* scratch, float* energy, cudaStream_t stream);
 
 }  // namespace tome_cuda

@@ -388,7 +388,9 @@ std::tuple<Tensor, Tensor> assign_cuda(const Tensor& metric, const Tensor& roles
   return {best, dst};
 }
 
-Tensor energy_cuda(const Tensor& metric, double margin, double alpha, bool shifted) {
+Tensor energy_cuda(const Tensor& metric, double margin, double alpha, int64_t form) {
+  TORCH_CHECK_VALUE(form == tome_cuda::kPaperForm || form == tome_cuda::kEluForm || form == tome_cuda::kGaussianForm,
+                    "tome_native::energy (CUDA): form must be 0 (paper), 1 (elu) or 2 (gaussian), got ", form);
   const tome_cuda::MetricView view = metric_view(metric);
   Tensor energy = at::empty({view.batch, view.tokens}, metric.options().dtype(at::kFloat));
   if (view.batch > 0 && view.tokens > 0) {
@@ -397,11 +399,13 @@ Tensor energy_cuda(const Tensor& metric, double margin, double alpha, bool shift
     cudaError_t err = cudaSuccess;
     dispatch_float(metric.scalar_type(), [&](auto tag) {
       using T = TOME_ELEMENT(tag);
-      // f is evaluated in float32 with the margin and alpha rounded to float32, as the
-      // reference evaluates it on its float32 similarities.
+      // f is evaluated in float32 with the margin, alpha and sigma = 1 - margin rounded to
+      // float32, as the reference evaluates it on its float32 similarities with Python-float
+      // scalars (sigma made in double first, as the reference's `1.0 - margin`).
       err = tome_cuda::launch_energy<T>(elements<T>(metric), view, static_cast<float>(margin),
-                                        static_cast<float>(alpha), shifted, scratch.data_ptr<float>(),
-                                        energy.data_ptr<float>(), current_stream(metric));
+                                        static_cast<float>(alpha), static_cast<float>(1.0 - margin),
+                                        static_cast<int>(form), scratch.data_ptr<float>(), energy.data_ptr<float>(),
+                                        current_stream(metric));
     });
     C10_CUDA_CHECK(err);
   }

@@ -142,10 +142,21 @@ __global__ void __launch_bounds__(kThreads) assign_kernel(const float* __restric
   }
 }
 
-template <bool kShifted>
+// f of the form kForm (EnergyForm), in float32 as the reference evaluates it on its float32
+// similarities; the Gaussian's division is IEEE (no fast math in this build).
+template <int kForm>
+__device__ __forceinline__ float energy_term(float x, float margin, float alpha, float sigma) {
+  if (kForm == kGaussianForm) {
+    const float t = (1.f - x) / sigma;
+    return expf(-0.5f * (t * t));
+  }
+  return x >= margin ? (kForm == kEluForm ? x - margin : x) : alpha * expm1f(x - margin);
+}
+
+template <int kForm>
 __global__ void __launch_bounds__(kThreads) energy_kernel(const float* __restrict__ unit, int64_t tokens,
                                                           int64_t features, int64_t tiles, float margin, float alpha,
-                                                          float* __restrict__ energy) {
+                                                          float sigma, float* __restrict__ energy) {
   __shared__ float s_i[kRows][kChunk + 1];
   __shared__ float s_j[kCols][kChunk + 1];
   const int row = threadIdx.x / kCols, col = threadIdx.x % kCols;
@@ -158,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) energy_kernel(const float* __restric
     const float x = tile_cosine(unit_b, tokens, features, i0, j0, s_i, s_j, row, col);
     // NaN similarities are left out of the mean and its count.
     if (i < tokens && j0 + col < tokens && !isnan(x)) {
-      total += x >= margin ? (kShifted ? x - margin : x) : alpha * expm1f(x - margin);
+      total += energy_term<kForm>(x, margin, alpha, sigma);
       ++count;
     }
   }
@@ -200,18 +211,24 @@ cudaError_t launch_assign(const T* metric, const MetricView& view, const TokenRo
 }
 
 template <typename T>
-cudaError_t launch_energy(const T* metric, const MetricView& view, float margin, float alpha, bool shifted,
+cudaError_t launch_energy(const T* metric, const MetricView& view, float margin, float alpha, float sigma, int form,
                           float* scratch, float* energy, cudaStream_t stream) {
   if (view.batch == 0 || view.tokens == 0) return cudaSuccess;
   int64_t blocks = 0, tiles = 0;
   cudaError_t err = launch_unit_rows(metric, view, scratch, blocks, tiles, stream);
   if (err != cudaSuccess) return err;
-  if (shifted) {
-    energy_kernel<true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(scratch, view.tokens, view.features,
-                                                                                 tiles, margin, alpha, energy);
+  const auto grid = static_cast<unsigned>(blocks);
+  if (form == kGaussianForm) {
+    energy_kernel<kGaussianForm><<<grid, kThreads, 0, stream>>>(scratch, view.tokens, view.features, tiles, margin,
+                                                                 alpha, sigma, energy);
+  } else if (form == kEluForm) {
+    energy_kernel<kEluForm><<<grid, kThreads, 0, stream>>>(scratch, view.tokens, view.features, tiles, margin, alpha,
+                                                            sigma, energy);
+  } else if (form == kPaperForm) {
+    energy_kernel<kPaperForm><<<grid, kThreads, 0, stream>>>(scratch, view.tokens, view.features, tiles, margin,
+                                                              alpha, sigma, energy);
   } else {
-    energy_kernel<false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(scratch, view.tokens, view.features,
-                                                                                  tiles, margin, alpha, energy);
+    return cudaErrorInvalidValue;  // the operator refuses other codes before launching
   }
   return cudaGetLastError();
 }
@@ -219,7 +236,8 @@ cudaError_t launch_energy(const T* metric, const MetricView& view, float margin,
 #define TOME_INSTANTIATE(T)                                                                                         \
   template cudaError_t launch_assign<T>(const T*, const MetricView&, const TokenRoles&, float*, float*, int64_t*,  \
                                         cudaStream_t);                                                              \
-  template cudaError_t launch_energy<T>(const T*, const MetricView&, float, float, bool, float*, float*, cudaStream_t);
+  template cudaError_t launch_energy<T>(const T*, const MetricView&, float, float, float, int, float*, float*,     \
+                                        cudaStream_t);
 TOME_INSTANTIATE(float)
 TOME_INSTANTIATE(__half)
 TOME_INSTANTIATE(__nv_bfloat16)

@@ -465,11 +465,14 @@ def test_assign_and_energy_kernels(monkeypatch, device, tokens, kind, per_row):
         assert torch.equal(dst, want_dst)
         assert_within_twice_reference_error(best, want_best, best_float64(metric, want_best, want_dst), msg="best")
         assert (dst >= 0).any() and (dst < 0).any()
-    for margin, alpha, shifted in ((0.9, 1.0, False), (0.1, 0.5, True)):
-        got = triton.energy(metric, margin, alpha, shifted)
-        assert_within_twice_reference_error(got, energy.energy(metric, margin, alpha, shifted),
-                                            energy_float64(metric, margin, alpha, shifted), msg="energy")
-    assert got[1, 3] == float("-inf") and got.isfinite().sum() == 2 * tokens - 1
+    # Every form of f, each with a margin above most similarities (the paper's default) and
+    # one inside their range (both branches of the paper and ELU forms).
+    for form in energy.FORMS:
+        for margin, alpha in ((0.9, 1.0), (0.1, 0.5)):
+            got = triton.energy(metric, margin, alpha, form)
+            assert_within_twice_reference_error(got, energy.energy(metric, margin, alpha, form),
+                                                energy_float64(metric, margin, alpha, form), msg=f"energy {form}")
+            assert got[1, 3] == float("-inf") and got.isfinite().sum() == 2 * tokens - 1
 
 
 @pytest.mark.parametrize("which", ["assign", "assign_window", "energy"])
@@ -477,9 +480,18 @@ def test_opcheck_new_operators(device, which):
     _, metric, _ = make(2, 9, (2, 8), device)
     roles, window = _roles_and_window(2, 9, device, per_row=True)
     if which == "energy":
-        torch.library.opcheck(triton_ops.energy, (metric, 0.5, 1.0, True))
+        for code in range(len(energy.FORMS)):
+            torch.library.opcheck(triton_ops.energy, (metric, 0.5, 1.0, code))
     else:
         torch.library.opcheck(triton_ops.assign, (metric, roles, window if which == "assign_window" else None))
+
+
+def test_energy_operator_refuses_an_unknown_form(device):
+    """The kernel would read an unknown code as the paper's f: the operator refuses it."""
+    _, metric, _ = make(2, 9, (None, 8), device)
+    for code in (-1, len(energy.FORMS)):
+        with pytest.raises(ValueError, match=rf"form must be the code of one of .*, got {code}"):
+            triton_ops.energy(metric, 0.5, 1.0, code)
 
 
 def test_pitome_real_mask_is_checked():

@@ -16,6 +16,14 @@ from ..reference.partition import Partition
 Plan = Union[MatchResult, Partition]
 
 
+def energy_form_code(form: str) -> int:
+    """The code by which the fast backends' energy operators take a form of PiToMe's f: its
+    index in ``energy.FORMS``. An unknown name is refused as the reference refuses it."""
+    if form not in energy.FORMS:
+        raise ValueError(f"form must be one of {energy.FORMS}, got {form!r}")
+    return energy.FORMS.index(form)
+
+
 class Backend:
     """The interface every backend implements; this base class is the reference itself."""
 
@@ -57,9 +65,10 @@ class Backend:
         backend's ``assign``."""
         return partition.partition(metric, roles, r, window, self)
 
-    def energy(self, metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
-        """PiToMe's energy of every token: ``energy.energy``."""
-        return energy.energy(metric, margin, alpha, shifted)
+    def energy(self, metric: Tensor, margin: float, alpha: float, form: str) -> Tensor:
+        """PiToMe's energy of every token: ``energy.energy``; ``form`` is a name of
+        ``energy.FORMS`` (the operators of the fast backends take its index)."""
+        return energy.energy(metric, margin, alpha, form)
 
     def merge_wavg(self, plan: Plan, x: Tensor, size: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         if isinstance(plan, Partition):

@@ -16,7 +16,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
-from ..reference import size_dtype
+from ..reference import score_dtype, size_dtype
 
 
 def _index(t: Tensor, *shape: int) -> Tensor:
@@ -77,14 +77,16 @@ def unmerge(y, token_map, members, row_start):
 
 
 def assign(metric, roles, window):
-    """(best score (B, N) float32, best destination (B, N) int64) of every source token."""
+    """(best score (B, N) in ``score_dtype(metric)``, best destination (B, N) int64) of every
+    source token."""
     B, N = metric.shape[0], metric.shape[-2]
-    return metric.new_empty(B, N, dtype=torch.float32), _index(metric, B, N)
+    return metric.new_empty(B, N, dtype=score_dtype(metric)), _index(metric, B, N)
 
 
-def energy(metric, margin, alpha, shifted):
-    """(B, N) float32: PiToMe's energy of every token."""
-    return metric.new_empty(metric.shape[0], metric.shape[-2], dtype=torch.float32)
+def energy(metric, margin, alpha, form):
+    """(B, N) in ``score_dtype(metric)`` (float64 for a float64 metric, float32 otherwise):
+    PiToMe's energy of every token. ``form`` is the code ``energy.FORMS.index(name)``."""
+    return metric.new_empty(metric.shape[0], metric.shape[-2], dtype=score_dtype(metric))
 
 
 # Operator name -> fake kernel: every family implements exactly these operators.

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..base import energy_form_code
 from ..grouped import GroupedBackend
 
 # What each extension's kernels compute: the CPU kernels also run float64 (the reference's
@@ -73,6 +74,6 @@ class NativeBackend(GroupedBackend):
         self._load()
         return torch.ops.tome_native.assign(metric.detach(), roles, window)
 
-    def energy(self, metric, margin, alpha, shifted):
+    def energy(self, metric, margin, alpha, form):
         self._load()
-        return torch.ops.tome_native.energy(metric.detach(), margin, alpha, shifted)
+        return torch.ops.tome_native.energy(metric.detach(), margin, alpha, energy_form_code(form))

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..base import energy_form_code
 from ..grouped import GroupedBackend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,6 +76,6 @@ class TritonBackend(GroupedBackend):
         self._load()
         return self._ops.assign(metric, roles, window)
 
-    def energy(self, metric, margin, alpha, shifted):
+    def energy(self, metric, margin, alpha, form):
         self._load()
-        return self._ops.energy(metric, margin, alpha, shifted)
+        return self._ops.energy(metric, margin, alpha, energy_form_code(form))

@@ -5,9 +5,10 @@ executes them with NumPy and never lowers them: it misses what only the compiler
 (globals that are not ``tl.constexpr``, layouts of ``tl.dot`` operands, type errors on paths
 the interpreter treats loosely, shared-memory limits, ptxas errors). This module compiles
 each kernel down to a cubin for its meaningful specialisations: every dtype, every value of
-each boolean constexpr, the merge modes, with ``launch.py``'s block sizes and warps, for
-aligned, unaligned and strided inputs (``LAYOUTS``). Each variant must also spill at most
-``SPILL_LIMIT_BYTES`` and hold no approximate square root or division (``APPROXIMATE_OPS``).
+each boolean constexpr, the merge modes, the forms of PiToMe's energy, with ``launch.py``'s
+block sizes and warps, for aligned, unaligned and strided inputs (``LAYOUTS``). Each variant
+must also spill at most ``SPILL_LIMIT_BYTES`` and hold no approximate square root or division
+(``APPROXIMATE_OPS``).
 
     python -m tome_kernels.backends.triton.compile_check [--arch 90] [--jobs N]
 
@@ -36,6 +37,7 @@ import time
 import traceback
 from typing import Dict, List, Tuple
 
+from ...reference import energy
 from .specializations import kernel_arguments
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -111,7 +113,7 @@ KERNELS = {
         pointers={"metric_ptr": DATA, "energy_ptr": "fp32"},
         unit=("s_d",),
         wide=("s_b", "s_h", "s_n", "D"),
-        floats=("margin", "alpha"),
+        floats=("margin", "alpha", "sigma"),
     ),
 }
 
@@ -196,9 +198,11 @@ def all_specs() -> List[Tuple[str, Dict[str, object]]]:
     sweep("one_pass_kernel", [dict(no_flags, WRITE_INDICES=True)] + one_pass_sets
           + [dict(dict.fromkeys(one_pass_flags, True), WRITE_INDICES=False)])
     # The general methods' kernels (partition.assign, PiToMe's energy): keys or a metric,
-    # with or without windows (DSM), the paper's f or the shifted one.
+    # with or without windows (DSM); every form of PiToMe's f (FORM: the codes of
+    # energy.FORMS) with either.
     sweep("assign_kernel", _flag_sets(("IS_KEYS", "HAS_WINDOW"), full=True))
-    sweep("energy_kernel", _flag_sets(("IS_KEYS", "SHIFTED"), full=True))
+    forms = range(len(energy.FORMS))
+    sweep("energy_kernel", [dict(IS_KEYS=keys, FORM=form) for keys in (False, True) for form in forms])
 
     # Layouts that look the same to a kernel (one without unit strides or row widths, say)
     # compile once.

@@ -261,12 +261,16 @@ def assign(metric: Tensor, roles: Tensor, window: Optional[Tensor]) -> Tuple[Ten
     return best, dst
 
 
-def energy(metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
-    """(B, N) float32 PiToMe energy of every token."""
+def energy(metric: Tensor, margin: float, alpha: float, form: int) -> Tensor:
+    """(B, N) float32 PiToMe energy of every token, f of the form with code ``form``
+    (``energy.FORMS.index(name)``)."""
     B, N = metric.shape[0], metric.shape[-2]
     out = torch.empty(B, N, dtype=torch.float32, device=metric.device)
     if B == 0 or N == 0:
         return out
     grid, _, metric_args, sizes, options = _similarity_launch(metric)
-    energy_kernel[grid](*metric_args, out, float(margin), float(alpha), *sizes, SHIFTED=shifted, **options)
+    # sigma = 1 - margin in double, then rounded to float32 as the kernel's argument: the
+    # reference's Python-float `1.0 - margin`, rounded to float32 where it divides.
+    sigma = 1.0 - float(margin)
+    energy_kernel[grid](*metric_args, out, float(margin), float(alpha), sigma, *sizes, FORM=form, **options)
     return out

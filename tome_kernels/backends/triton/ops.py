@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ...reference import MERGE_MODES
+from ...reference.energy import FORMS
 from .. import merge_autograd, op_table
 from . import launch
 
@@ -78,9 +79,14 @@ def assign(metric: Tensor, roles: Tensor, window: Optional[Tensor]) -> Tuple[Ten
 
 
 @torch.library.custom_op("tome_kernels::triton_energy", mutates_args=())
-def energy(metric: Tensor, margin: float, alpha: float, shifted: bool) -> Tensor:
-    """(B, N) float32 PiToMe energy (``energy.energy``)."""
-    return launch.energy(metric, margin, alpha, shifted)
+def energy(metric: Tensor, margin: float, alpha: float, form: int) -> Tensor:
+    """(B, N) float32 PiToMe energy (``energy.energy``); ``form`` is the code
+    ``energy.FORMS.index(name)``."""
+    # The kernel reads any code it does not know as "paper": refused here, as the native
+    # operators refuse it.
+    if form not in range(len(FORMS)):
+        raise ValueError(f"form must be the code of one of {FORMS}, 0 to {len(FORMS) - 1}, got {form}")
+    return launch.energy(metric, margin, alpha, form)
 
 
 # Operator name (as in op_table) -> the operator.

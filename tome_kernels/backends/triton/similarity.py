@@ -3,14 +3,15 @@
 - ``assign_kernel``: for every source token, the best destination (``partition.assign``):
   max and lowest argmax of the similarity over the tokens whose role is DEST (and, with a
   window tensor, whose window is the source's).
-- ``energy_kernel``: PiToMe's energy (``energy.energy``), the mean of f_m(similarity) over
-  every token.
+- ``energy_kernel``: PiToMe's energy (``energy.energy``), the mean of f(similarity) over
+  every token, for the form of f given by ``FORM`` (its index in ``energy.FORMS``).
 
 Each program takes a tile of BLOCK_I tokens and streams the row's tokens in tiles of
 BLOCK_J, normalising the metric rows as it loads them (keys are averaged over heads on the
 fly): the N x N similarity is never written, and the work per row is O(N^2 D) with O(N D)
-memory traffic per tile. Scores are IEEE float32 dot products, as in the bipartite matching,
-and the energy's mean is an IEEE division (docs/semantics.md, "Arithmetic").
+memory traffic per tile. Scores are IEEE float32 dot products, as in the bipartite matching;
+the energy's mean and the Gaussian form's (1 - x) / sigma are IEEE divisions
+(docs/semantics.md, "Arithmetic").
 """
 
 import triton
@@ -23,6 +24,10 @@ SOURCE: tl.constexpr = tl.constexpr(1)
 DEST: tl.constexpr = tl.constexpr(2)
 # partition._NAN_SCORE: a NaN score of an allowed destination ranks below any cosine.
 NAN_SCORE: tl.constexpr = tl.constexpr(-3.0)
+# The forms of PiToMe's f, by their codes: energy.FORMS.index(name).
+PAPER: tl.constexpr = tl.constexpr(0)
+ELU: tl.constexpr = tl.constexpr(1)
+GAUSSIAN: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -95,11 +100,16 @@ def assign_kernel(
 # be one more compilation each (docs/triton.md, "Compilations").
 @triton.jit(do_not_specialize=["N", "H", "tiles"])
 def energy_kernel(
-    metric_ptr, s_b, s_h, s_n, s_d, energy_ptr, margin, alpha, N, H, D, tiles,
-    IS_KEYS: tl.constexpr, SHIFTED: tl.constexpr,
+    metric_ptr, s_b, s_h, s_n, s_d, energy_ptr, margin, alpha, sigma, N, H, D, tiles,
+    IS_KEYS: tl.constexpr, FORM: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """energy[i] (B, N) float32, contiguous: see ``energy.energy``."""
+    """energy[i] (B, N) float32, contiguous: see ``energy.energy``. f by FORM:
+
+    - PAPER: x if x >= margin else alpha * (exp(x - margin) - 1)
+    - ELU: x - margin if x >= margin else alpha * (exp(x - margin) - 1)
+    - GAUSSIAN: exp(-0.5 * t * t), t = (1 - x) / sigma, sigma = 1 - margin (from the host)
+    """
     pid = tl.program_id(0)
     b64 = (pid // tiles).to(tl.int64)
     o_i = (pid % tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -113,11 +123,15 @@ def energy_kernel(
         score = _similarity(
             metric_ptr, s_b, s_h, s_n, s_d, b64, o_i, m_i, norm_i, o_j, m_j, H, D, IS_KEYS, BLOCK_I, BLOCK_J, BLOCK_D,
         )
-        if SHIFTED:
-            above = score - margin
+        if FORM == GAUSSIAN:
+            t = tl.div_rn(1.0 - score, tl.full(score.shape, sigma, tl.float32))
+            f = tl.exp(-0.5 * (t * t))
         else:
-            above = score
-        f = tl.where(score >= margin, above, alpha * (tl.exp(score - margin) - 1.0))
+            if FORM == ELU:
+                above = score - margin
+            else:
+                above = score
+            f = tl.where(score >= margin, above, alpha * (tl.exp(score - margin) - 1.0))
         valid = (score == score) & m_j[None, :]
         total += tl.sum(tl.where(valid, f, 0.0), axis=1)
         count += tl.sum(valid.to(tl.float32), axis=1)
