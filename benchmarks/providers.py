@@ -145,8 +145,8 @@ def method_agreement(provider: str, shape: Shape, inputs: Dict[str, torch.Tensor
     }
     if shape.method == "pitome":
         margin = tome_kernels.methods.PITOME_MARGIN
-        energies = select_backend(provider, (metric,)).energy(metric, margin, 1.0, False)
-        result["energy_rel_err"] = rel_err((energies,), (Backend().energy(metric, margin, 1.0, False),))
+        energies = select_backend(provider, (metric,)).energy(metric, margin, 1.0, "elu")
+        result["energy_rel_err"] = rel_err((energies,), (Backend().energy(metric, margin, 1.0, "elu"),))
     return result
 
 

@@ -51,8 +51,12 @@ def seeded(seed=0):
 CASES = {
     "pitome_cls": (23, (None, 8), lambda m, be: pitome_match(m, 7, class_token=True, backend=be)),
     "pitome_keys": (30, (2, 8), lambda m, be: pitome_match(
-        m, 9, margin=0.3, alpha=0.5, shifted=True, class_token=True, distill_token=True, backend=be)),
+        m, 9, margin=0.3, alpha=0.5, energy_form="paper", class_token=True, distill_token=True, backend=be)),
     "pitome_wide": (19, (None, 200), lambda m, be: pitome_match(m, 100, margin=0.0, backend=be)),
+    "pitome_bipartite": (25, (2, 8), lambda m, be: pitome_match(
+        m, 8, margin=0.2, split="bipartite", class_token=True, backend=be)),
+    "pitome_text": (24, (None, 8), lambda m, be: pitome_match(
+        m, 6, margin=0.5, energy_form="gaussian", split="halves", class_token=True, backend=be)),
     "kth_2_cls": (23, (None, 8), lambda m, be: kth_bipartite_match(m, 2, class_token=True, backend=be)),
     "kth_3_keys_wide": (20, (2, 136), lambda m, be: kth_bipartite_match(
         m, 3, class_token=True, distill_token=True, backend=be)),
@@ -380,7 +384,8 @@ def _forbid_work(monkeypatch):
     (lambda: pitome_match(M, 2, margin=float("nan")), ValueError, r"margin must be finite"),
     (lambda: pitome_match(M, 2, margin="0.9"), TypeError, r"margin must be a real number"),
     (lambda: pitome_match(M, 2, alpha=float("inf")), ValueError, r"alpha must be finite"),
-    (lambda: pitome_match(M, 2, shifted=1), TypeError, r"shifted must be a bool"),
+    (lambda: pitome_match(M, 2, energy_form=1), TypeError, r"energy_form must be a str"),
+    (lambda: pitome_match(M, 2, split="pairs"), ValueError, r"split must be one of alternate, halves, bipartite"),
     (lambda: pitome_merge(X, M, 2, class_token=1), TypeError, r"class_token must be a bool"),
     (lambda: kth_bipartite_match(M, 2, distill_token="yes"), TypeError, r"distill_token must be a bool"),
     # grids, strides, windows, generators

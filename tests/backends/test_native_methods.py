@@ -290,7 +290,12 @@ def _plans(backend):
     features = make_metric(2, 64, None, 12, seed=6)
     return {
         "pitome": tome_kernels.pitome_match(keys, 9, margin=0.1, class_token=True, backend=backend),
-        "pitome_shifted": tome_kernels.pitome_match(keys, 5, margin=0.0, alpha=2.0, shifted=True, backend=backend),
+        "pitome_paper": tome_kernels.pitome_match(keys, 5, margin=0.0, alpha=2.0, energy_form="paper",
+                                                   backend=backend),
+        "pitome_text": tome_kernels.pitome_match(keys, 6, margin=0.5, energy_form="gaussian", split="halves",
+                                                 class_token=True, backend=backend),
+        "pitome_bipartite": tome_kernels.pitome_match(keys, 8, margin=0.2, split="bipartite", class_token=True,
+                                                      backend=backend),
         "kth": tome_kernels.kth_bipartite_match(keys, 3, class_token=True, backend=backend),
         "random": tome_kernels.random_bipartite_match(
             keys, 11, generator=torch.Generator().manual_seed(1), class_token=True, backend=backend

@@ -172,7 +172,7 @@ def min_gap(values):
     ((2, 15, 6), 5, dict(class_token=True), dict(margin=0.2, alpha=0.5)),
     ((1, 2, 13, 5), 6, dict(class_token=True, distill_token=True), dict(margin=0.1, energy_form="paper")),
     ((3, 9, 4), 100, dict(class_token=True), dict(margin=-0.3, alpha=2.0, energy_form="paper")),
-    ((2, 16, 5), 5, dict(class_token=True), dict(margin=0.4, energy_form="gaussian")),
+    ((2, 16, 7), 5, dict(class_token=True), dict(margin=0.4, energy_form="gaussian")),
 ], ids=str)
 def test_pitome_matches_its_oracle(backend, shape, r, flags, options):
     metric = random_metric(shape, seed=sum(shape) + r)
