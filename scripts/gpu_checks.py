@@ -82,6 +82,7 @@ GPU_TESTS = [
     "tests/contract/test_ambient_modes.py",
     "tests/contract/test_bad_input.py",
     "tests/contract/test_handwritten.py",
+    "tests/contract/test_pitome_authors.py",
     "tests/contract/test_shapes_dtypes_grad.py",
     "tests/tools/test_benchmark_harness.py",
     "tests/tools/test_e2e_benchmark.py",
