@@ -288,7 +288,7 @@ class Case(NamedTuple):
     margin: float
     alpha: float
     keys: bool  # keys (B, 3, N, 4) rather than a metric (B, N, 5)
-    copies: bool = False  # every row one of 20 base rows: exact ties everywhere
+    copies: bool = False  # every row one of 20 base rows (``exact_rows``): exact ties everywhere
     # Added to every value: a component all rows share (the keys of trained models have one),
     # so that similarities reach a high margin. Without it, the Gaussian energy at margin 0.9
     # (width 0.1) of random rows is 1 / T plus terms below 1e-20: a tie for every token.
@@ -325,12 +325,23 @@ MIN_KEPT = 3  # of them free of near-ties, or the case fails: the filter must no
 CASES = SMALL_CASES + LARGE_CASES
 
 
+def exact_rows(shape, generator: torch.Generator, width: int = 8) -> torch.Tensor:
+    """Rows of ``width`` values with four of them +-1 and the others 0: norm 2 exactly, so the
+    unit rows hold +-0.5 and every similarity is a multiple of 0.25, computed exactly in any
+    summation order. Copies of such rows score bit for bit alike in every path; copies of
+    random rows need not: a BLAS can round the products of two copies differently by their
+    positions in the matrix (MKL's float64 GEMM does), which makes them a near tie."""
+    picks = torch.rand(*shape, width, generator=generator).argsort(dim=-1)[..., :4]
+    signs = torch.randint(2, (*shape, 4), generator=generator) * 2 - 1
+    return torch.zeros(*shape, width).scatter(-1, picks, signs.float())
+
+
 def draw_metric(case: Case, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if case.copies:
-        base = torch.randn(CANDIDATES, 20, 4, generator=g)
+        base = exact_rows((CANDIDATES, 20), g)
         pick = torch.randint(20, (CANDIDATES, case.n), generator=g)
-        return base.gather(1, pick[..., None].expand(-1, -1, 4))
+        return base.gather(1, pick[..., None].expand(-1, -1, base.shape[-1]))
     shape = (CANDIDATES, 3, case.n, 4) if case.keys else (CANDIDATES, case.n, 5)
     return torch.randn(shape, generator=g) + case.shift
 
@@ -427,10 +438,16 @@ def test_random_cases_match_the_oracle(backend, dtype, case, device):
     check_plan(plan, groups, x, size, case.n, clamped(case.r, case.n, case.protected), msg=f"{case} {dtype}")
 
 
+# A seed whose other tokens hold no near tie at the r of the test below (found by trying seeds
+# in order; the test asserts it, so a change of the generator shows as a failure, not a pass).
+TIED_SEED = 14
+
+
 def tied_metric():
     """13 tokens, a class token first; tokens 3, 6, 9 and 10 are copies of one row, tokens 5
-    and 8 of another: equal energies and equal similarities, bit for bit, in every path."""
-    metric = torch.randn(1, 13, 4, generator=torch.Generator().manual_seed(7))
+    and 8 of another: equal energies and equal similarities, bit for bit, in every path
+    (``exact_rows``)."""
+    metric = exact_rows((1, 13), torch.Generator().manual_seed(TIED_SEED))
     metric[0, [6, 9, 10]] = metric[0, 3].clone()
     metric[0, 8] = metric[0, 5].clone()
     return metric
@@ -444,7 +461,8 @@ def test_exact_ties_go_to_the_lower_index(backend, dtype, split, device):
     each other at similarity 1), in token order, so with the alternating split tokens 3 and 9
     are sources, 6 and 10 destinations, and both sources merge into 6, not 10. (The bipartite
     split not at r = 1 or 2: its selection's boundary would fall between the two groups of
-    copies, whose similarities of 1 to their own copies differ by rounding, a near-tie.)"""
+    copies, each scoring 1 with its own copies: a tie between tokens that are no copies of
+    each other, which the authors' unstable sort leaves open.)"""
     metric = tied_metric().to(dtype)
     for r in ((3, 6) if split == "bipartite" else (1, 2, 3, 6)):
         decision, ok = oracle_row(metric[0], 1, r, split, 0.9, 1.0, "elu")
