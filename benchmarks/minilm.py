@@ -280,7 +280,8 @@ def run(args: argparse.Namespace) -> Dict:
                   "attn_implementation": model.config._attn_implementation, "layers": model.config.num_hidden_layers},
         "settings": {"backend": args.backend, "backend_used": backend_used, "methods": args.methods,
                      "method_options": {name: METHODS[name] for name in args.methods},
-                     "pitome_presets": {name: patch.options.PRESETS[name]._asdict() for name in ("authors_text", "paper")},
+                     "pitome_presets": {name: patch.options.PRESETS[name]._asdict()
+                                        for name in ("authors_text", "paper")},
                      "batch_size": args.batch_size,
                      "warmup": args.warmup, "reps": args.reps, "dtype": "float32",
                      "timer": "time.perf_counter" + (", synchronised" if device.type == "cuda" else ""),

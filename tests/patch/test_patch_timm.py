@@ -107,10 +107,11 @@ def test_bad_schedules_leave_the_model_alone(r, error, words):
     assert tome_patch.get_state(model).r == [2, 2, 2, 2]
 
 
-@pytest.mark.parametrize("flag", ["prop_attn", "trace_source"])
-@pytest.mark.parametrize("value", ["False", 0, None])
+@pytest.mark.parametrize("flag, value", [("prop_attn", "False"), ("prop_attn", 0), ("trace_source", "False"),
+                                         ("trace_source", 0), ("trace_source", None)])
 def test_flags_must_be_bools(flag, value):
-    """prop_attn="False" would be true: a flag that is not a bool is refused, model unchanged."""
+    """prop_attn="False" would be true: a flag that is not a bool is refused, model unchanged.
+    (prop_attn=None is the method's default: on, or as a PiToMe preset says.)"""
     model = make_model()
     tome_patch.timm(model, 2)
     with pytest.raises(TypeError, match=f"{flag} must be a bool"):
