@@ -26,6 +26,7 @@ except ImportError:  # the BERT test below is skipped, the timm ones still run
 needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
 
 import tome_kernels.patch as tome_patch  # noqa: E402
+from tests.contract.pitome_oracle import decide, metric_rows  # noqa: E402
 from tests.helpers import assert_within_twice_reference_error, cpu_backend_cases  # noqa: E402
 from tome_kernels.patch import state as state_module  # noqa: E402
 
@@ -38,55 +39,24 @@ MIN_KEPT = 3  # of them free of near-ties in every block, or the test fails
 # The authors' algorithm for one batch row (the oracle).
 
 
-def head_mean(keys_row) -> list:
-    """Keys (H, N, Dh) of one batch row, as float64 rows averaged over the heads."""
-    values = keys_row.double().tolist()
-    heads, width = len(values), len(values[0][0])
-    return [[math.fsum(values[h][n][d] for h in range(heads)) / heads for d in range(width)]
-            for n in range(len(values[0]))]
-
-
-def f(s, margin, alpha, form):
-    if form == "gaussian":
-        return math.exp(-0.5 * ((1.0 - s) / (1.0 - margin)) ** 2)
-    z = s - margin  # "elu"
-    return z if z > 0 else alpha * (math.exp(z) - 1.0)
-
-
-def authors_block(rows, r, split, margin, alpha, form):
-    """The merges of one block on the rows of its unprotected tokens: (merged {source:
-    destination}, in their indices; the smallest decisive energy gap; the smallest decisive
-    similarity gap). Unit rows, S their dot products, energy mean_j f(S[i][j]); the tokens by
-    energy, descending; "alternate": ranks 0, 2, .. < 2r sources, 1, 3, .. destinations;
-    "halves": ranks < r sources, r .. 2r - 1 destinations; "bipartite": even ranks sources,
-    odd ranks destinations, the r sources of highest best similarity merge; each source into
-    its most similar destination."""
+def authors_block(keys_row, r, split, margin, alpha, form):
+    """The merges of one block from its keys (H, N, Dh) of one batch row, token 0 protected
+    (``pitome_oracle.decide`` on the head means of the others): (merged {source:
+    destination}, in unprotected indices; the smallest decisive energy gap; the smallest
+    decisive similarity gap)."""
     assert form in ("elu", "gaussian")  # continuous: no gap to the margin to check
-    unit = []
-    for row in rows:
-        norm = math.sqrt(math.fsum(v * v for v in row))
-        unit.append([v / norm for v in row])
-    sim = [[math.fsum(a * b for a, b in zip(u, w)) for w in unit] for u in unit]
-    energy = [math.fsum(f(s, margin, alpha, form) for s in row) / len(row) for row in sim]
-    order = sorted(range(len(rows)), key=lambda t: (-energy[t], t))
-    if split == "alternate":
-        sources, destinations, ranks = order[0:2 * r:2], order[1:2 * r:2], range(2 * r)
-    elif split == "halves":
-        sources, destinations, ranks = order[:r], order[r:2 * r], (r - 1, 2 * r - 1)
-    else:
-        sources, destinations, ranks = order[0::2], order[1::2], range(len(order))
-    best = {s: max(destinations, key=lambda d: (sim[s][d], -d)) for s in sources}
-    merging, score_gaps = sources, []
-    if split == "bipartite":
-        ranked = sorted(sources, key=lambda s: (-sim[s][best[s]], s))
-        merging = ranked[:r]
-        if len(ranked) > r:
-            score_gaps.append(sim[ranked[r - 1]][best[ranked[r - 1]]] - sim[ranked[r]][best[ranked[r]]])
-    for s in merging:
-        others = [sim[s][d] for d in destinations if d != best[s]]
+    decision = decide(metric_rows(keys_row.double().tolist())[1:], r, split, margin, alpha, form)
+    energy, sim, order, best = decision.energy, decision.sim, decision.order, decision.best
+    ranks = {"alternate": range(2 * r), "halves": (r - 1, 2 * r - 1)}.get(split, range(len(order)))
+    score_gaps = []
+    if split == "bipartite" and len(decision.sources) > r:
+        ranked = sorted(decision.sources, key=lambda s: (-sim[s][best[s]], s))
+        score_gaps.append(sim[ranked[r - 1]][best[ranked[r - 1]]] - sim[ranked[r]][best[ranked[r]]])
+    for s in decision.merged:
+        others = [sim[s][d] for d in decision.destinations if d != best[s]]
         score_gaps.append(sim[s][best[s]] - max(others, default=-math.inf))
     energy_gaps = [energy[order[k]] - energy[order[k + 1]] for k in ranks if k + 1 < len(order)]
-    return {s: best[s] for s in merging}, min(energy_gaps, default=math.inf), min(score_gaps, default=math.inf)
+    return decision.merged, min(energy_gaps, default=math.inf), min(score_gaps, default=math.inf)
 
 
 def step_map(n, merged, protected=1):
@@ -210,7 +180,7 @@ def authors_vit(model, x, r, preset, decided=None):
             x = x + block.ls1(attn(h))
             r_block = min(r, (n - 1) // 2)
             if decided is None:
-                results = [authors_block(head_mean(keys[b])[1:], r_block, splits[index], margins[index], 1.0,
+                results = [authors_block(keys[b], r_block, splits[index], margins[index], 1.0,
                                          "elu") for b in range(batch)]
                 merged, gaps = [m for m, _, _ in results], [(e, s) for _, e, s in results]
             else:
@@ -320,7 +290,7 @@ def test_bert_text_energy_matches_the_oracle(backend):
         r_layer = min(r, (n - 1) // 2)
         steps = []
         for b in range(batch):
-            merged, energy_gap, score_gap = authors_block(head_mean(k[b])[1:], r_layer, splits[layer],
+            merged, energy_gap, score_gap = authors_block(k[b], r_layer, splits[layer],
                                                           margins[layer], 1.0, "gaussian")
             ds, de = rounding(k[b, :, 1:], 0.0, margins[layer], 1.0, "gaussian")
             safe[b] = safe[b] and energy_gap > 2 * de and score_gap > 2 * ds
