@@ -116,7 +116,7 @@ def check_choice(name: str, value, choices: Tuple[str, ...]) -> str:
         raise TypeError(f"{name} must be a str, one of {', '.join(choices)}; got {_type_name(value)}: {value!r}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+    return str(value)  # a NumPy str compares equal: kept as a plain str
 
 
 def check_mode(mode) -> str:

@@ -53,20 +53,35 @@ def _clamped_r(r, tokens: int, protected: int) -> int:
     return max(min(checks.check_r(r), (tokens - protected) // 2), 0)
 
 
-def check_pitome_options(margin, alpha, energy_form, split) -> Tuple[float, float, str, str]:
-    """PiToMe's options, checked. ``energy_form`` and ``split`` name a form of
-    ``reference.energy.FORMS`` and a split of ``reference.roles.SPLITS``. The margin is a
-    cosine similarity, so within [-1, 1] (beyond it every similarity falls on one side and
-    the margin no longer separates anything), and below 1 for the Gaussian form, whose width
-    is 1 - margin; alpha scales the ELU forms' penalty below the margin and must be positive
-    (0 would flatten it, a negative one reverse it)."""
-    energy_form = checks.check_choice("energy_form", energy_form, energy.FORMS)
-    split = checks.check_choice("split", split, roles.SPLITS)
+def check_pitome_margin(margin, energy_form: str) -> float:
+    """PiToMe's margin is a cosine similarity, so within [-1, 1] (beyond it every similarity
+    falls on one side and the margin no longer separates anything), and below 1 for the
+    Gaussian form, whose width is 1 - margin."""
     gaussian = energy_form == "gaussian"
     meaning = "a cosine similarity; the Gaussian energy's width is 1 - margin" if gaussian else "a cosine similarity"
-    margin = checks.check_real("margin", margin, -1.0, 1.0, high_open=gaussian, meaning=meaning)
-    alpha = checks.check_real("alpha", alpha, 0.0, low_open=True, meaning="the scale of the energy below the margin")
-    return margin, alpha, energy_form, split
+    return checks.check_real("margin", margin, -1.0, 1.0, high_open=gaussian, meaning=meaning)
+
+
+def check_pitome_alpha(alpha, energy_form: str) -> Optional[float]:
+    """alpha scales the ELU forms' penalty below the margin: positive (0 would flatten it, a
+    negative one reverse it), 1 when None. The Gaussian form has none: giving one is an
+    error rather than ignored (None is returned)."""
+    if energy_form == "gaussian":
+        if alpha is not None:
+            raise ValueError(f"alpha applies to energy_form 'elu' and 'paper' only, not 'gaussian'; got {alpha!r}")
+        return None
+    if alpha is None:
+        return 1.0
+    return checks.check_real("alpha", alpha, 0.0, low_open=True, meaning="the scale of the energy below the margin")
+
+
+def check_pitome_options(margin, alpha, energy_form, split) -> Tuple[float, Optional[float], str, str]:
+    """PiToMe's options, checked: ``energy_form`` and ``split`` name a form of
+    ``reference.energy.FORMS`` and a split of ``reference.roles.SPLITS``; the margin and
+    alpha as ``check_pitome_margin`` and ``check_pitome_alpha`` say."""
+    energy_form = checks.check_choice("energy_form", energy_form, energy.FORMS)
+    split = checks.check_choice("split", split, roles.SPLITS)
+    return check_pitome_margin(margin, energy_form), check_pitome_alpha(alpha, energy_form), energy_form, split
 
 
 @fixed_numerics
@@ -75,7 +90,7 @@ def pitome_match(
     r: int,
     *,
     margin: float = PITOME_MARGIN,
-    alpha: float = 1.0,
+    alpha: Optional[float] = None,
     energy_form: str = "elu",
     split: str = "alternate",
     class_token: bool = False,
@@ -98,8 +113,10 @@ def pitome_match(
         metric: (B, N, D) features or keys (B, H, N, Dh), any float dtype; energies and
             similarities are float64 for float64, float32 otherwise.
         r: tokens to remove, clamped to (N - protected tokens) // 2 and to at least 0.
-        margin: m in f, in [-1, 1] (below 1 for "gaussian"); the patches lower it with depth.
-        alpha: the scale of f below the margin for "elu" and "paper", > 0.
+        margin: m in f, in [-1, 1] (below 1 for "gaussian"); 0.9, the paper's first-block
+            value, by default. The patches set each block's (their presets).
+        alpha: the scale of f below the margin for "elu" and "paper", > 0; None is 1.
+            "gaussian" has none: giving one is a ValueError.
         energy_form: "elu" (ELU(x - m), the authors' image code), "paper" (x above the
             margin, equation (4)) or "gaussian" (exp(-((1 - x) / (1 - m))^2 / 2), the
             authors' text code).
@@ -134,7 +151,7 @@ def pitome_match(
         return _identity(metric, impl)
     # The protected tokens leave the energy: a view of the others, which every kernel reads
     # through its strides.
-    scores = impl.energy(metric[..., protected:, :], margin, alpha, energy_form)
+    scores = impl.energy(metric[..., protected:, :], margin, 1.0 if alpha is None else alpha, energy_form)
     return _plan(metric, roles.pitome(scores, r, protected, real, split), r, impl)
 
 

@@ -509,3 +509,33 @@ def test_pitome_real_mask_is_checked():
     plain = pitome_match(metric, 2, backend="reference")
     masked = pitome_match(metric, 2, real=torch.ones(2, 9, dtype=torch.bool), backend="reference")
     assert torch.equal(plain.token_map, masked.token_map)
+
+
+# NumPy, running Triton's interpreter, warns when a NaN row is normalised: expected here.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("split", ["alternate", "halves", "bipartite"])
+def test_pitome_real_mask_ranks_padding_last(any_backend, device, split):
+    """Padding whose metric rows are not NaN (one pad vector), or a real token whose row is
+    NaN next to NaN padding, must not take a rank among a row's real pairs: that left the
+    row without a destination (token_map -1 on reference and cpu, wrong sizes on Triton).
+    Every plan is a valid grouping: the class token kept, r fewer rows, each merged by size."""
+    nan = float("nan")
+    rows = [
+        (torch.tensor([[1., 0], [0, 1], [1, 1], [-1, 0], [-1, 0]]), [True, True, True, False, False], True),
+        (torch.tensor([[nan, nan], [1., 0], [nan, nan]]), [False, True, True], False),
+    ]
+    g = seeded(4)
+    pad = torch.randn(2, generator=g)
+    random_rows = torch.randn(4, 12, 2, generator=g)
+    random_rows[:, 8:] = pad  # four padding tokens, one pad vector
+    rows += [(random_rows[b], [True] * 8 + [False] * 4, True) for b in range(4)]
+    for metric, real, class_token in rows:
+        metric, real = metric[None].to(device), torch.tensor([real], device=device)
+        plan = pitome_match(metric, 1, real=real, class_token=class_token, split=split, backend=any_backend)
+        n = metric.shape[1]
+        assert plan.r == 1 and sorted(set(plan.token_map[0].tolist())) == list(range(n - 1)), plan.token_map
+        if class_token:
+            assert (plan.token_map[0] == plan.token_map[0, 0]).sum() == 1  # the class token alone
+        x = torch.randn(1, n, 3, generator=g).to(device)
+        _, size = plan.merge_wavg(x, None)
+        assert size.sum().item() == n and size.shape[1] == n - 1

@@ -222,6 +222,34 @@ def test_pitome_matches_a_handwritten_loop(variant, config, monkeypatch):
     assert margins == pytest.approx([margin, margin * 0.5, margin * 0.25], rel=1e-12)
 
 
+def test_pitome_options_say_what_runs():
+    """``get_state(model).options`` holds the proportional attention in force (the preset's
+    unless given) and each block's margin: a number sets the first block's, the preset's
+    schedule scaled to it."""
+    model = make_model()
+    tome_patch.timm(model, 2, method="pitome", prop_attn=True)
+    state = tome_patch.get_state(model)
+    assert state.prop_attn is True and state.options.prop_attn is True
+    tome_patch.timm(model, 2, method="pitome")
+    assert tome_patch.get_state(model).options.prop_attn is False
+    tome_patch.timm(model, 2, method="pitome", margin=0.6)
+    assert tome_patch.get_state(model).options.margins == pytest.approx([0.6, 0.45, 0.3, 0.15], rel=1e-12)
+    tome_patch.timm(model, 2, method="pitome", preset="authors_mae", energy_form="gaussian")
+    assert tome_patch.get_state(model).options.alpha is None  # the Gaussian energy has none
+
+
+@needs_transformers
+def test_bert_text_preset_margin_scales_its_schedule():
+    """authors_text's margins fall from 0.9 by 0.25 over the layers; a number m0 scales that
+    schedule to start at m0."""
+    model = tiny_bert()
+    schedule = [0.9 - 0.25 * layer / 4 for layer in range(4)]
+    tome_patch.bert(model, 1, method="pitome")
+    assert tome_patch.get_state(model).options.margins == pytest.approx(schedule)
+    tome_patch.bert(model, 1, method="pitome", margin=0.45)
+    assert tome_patch.get_state(model).options.margins == pytest.approx([m / 2 for m in schedule])
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dsm_matches_a_handwritten_loop(variant):
     protected = VARIANTS[variant][2]
@@ -372,6 +400,9 @@ BAD_OPTIONS = [
     ({"method": "pitome", "energy_form": "gaussian", "margin": 1}, ValueError, r"margin must be in \[-1, 1\)"),
     ({"method": "pitome", "prop_attn": 1}, TypeError, "prop_attn"),
     ({"method": "tome", "preset": "paper"}, ValueError, "preset applies to method='pitome' only"),
+    ({"method": "pitome", "energy_form": "gaussian", "alpha": 2.0}, ValueError, "alpha applies to energy_form"),
+    ({"method": "pitome", "alpha": -1.0, "split": ["halves"] * 4}, ValueError, "^alpha must be > 0"),
+    ({"method": "pitome", "r": 0.9}, TypeError, "keep_ratio_r"),
     ({"method": "tome", "margin": 0.5}, ValueError, "margin applies to method='pitome' only"),
     ({"method": "tome", "margin": 0.5, "alpha": 2.0}, ValueError, "margin, alpha apply to method='pitome' only"),
     ({"method": "pitome", "delay": 2}, ValueError, "delay applies to method='dsm' only"),

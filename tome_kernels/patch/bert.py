@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..backends import check_backend_name
 from ..checks import check_flag
 from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
-from .options import check_method, resolve_prop_attn
+from .options import check_method, with_prop_attn
 from .schedule import RSchedule, r_per_block
 from .state import PADDING_SIZE, ToMeState
 
@@ -245,11 +245,11 @@ def patch_bert(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: 
     layers = _check_model(encoder)
     options = check_method(method, ("tome", "pitome"), len(layers), "authors_text", preset=preset, margin=margin,
                            alpha=alpha, energy_form=energy_form, split=split)
-    prop_attn = resolve_prop_attn(prop_attn, options)
+    options = with_prop_attn(prop_attn, options)
     schedule = r_per_block(r, len(layers))
     remove(encoder)
     # Unmerging the output needs the token map.
-    state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=prop_attn,
+    state = ToMeState(schedule, class_token=True, distill_token=False, prop_attn=options.prop_attn,
                       trace_source=trace_source or inner is not None, backend=backend, options=options,
                       unmerge_output=inner is not None)
     state.undo = remove_bert

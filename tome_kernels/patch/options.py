@@ -11,7 +11,9 @@ import math
 from typing import List, NamedTuple, Optional, Tuple
 
 from ..checks import check_choice, check_flag, check_int, check_int_pair, is_real
-from ..methods import check_pitome_options
+from ..methods import check_pitome_alpha, check_pitome_margin
+from ..reference.energy import FORMS
+from ..reference.roles import SPLITS
 
 METHODS = ("tome", "pitome", "dsm")
 
@@ -45,12 +47,13 @@ class MethodOptions(NamedTuple):
     """How the blocks match. PiToMe: ``margins`` and ``splits`` per block, ``alpha``,
     ``energy_form`` (``pitome_match``'s options), from ``preset`` and the options given;
     DSM: ``delay``, its first merging block, which merges within ``window`` windows of the
-    patch grid. ``prop_attn``: the method's proportional attention unless the patch is told."""
+    patch grid. ``prop_attn``: proportional attention, as given to the patch or the method's.
+    ``alpha`` is None for the Gaussian energy, which has none."""
 
     method: str = "tome"
     preset: Optional[str] = None
     margins: Tuple[float, ...] = ()
-    alpha: float = 1.0
+    alpha: Optional[float] = None
     energy_form: str = "elu"
     splits: Tuple[str, ...] = ()
     delay: int = 0
@@ -68,16 +71,18 @@ def _per_block(name: str, value, num_blocks: int) -> Optional[list]:
 
 
 def _margins(margin, preset: Preset, num_blocks: int) -> List:
-    """Each block's margin: the preset's schedule; a number m0 gives m0 (1 - l / L) at block l
-    of L (the paper's rule); a list gives them all."""
+    """Each block's margin: the preset's schedule; a number m0 is the first block's, the
+    preset's schedule scaled to it (m0 (1 - l / L) at block l of L for the presets that fall
+    to 0, the paper's rule); a list gives them all."""
     listed = _per_block("margin", margin, num_blocks)
     if listed is not None:
         return listed
+    schedule = [preset.start - (preset.start - preset.end) * block / num_blocks for block in range(num_blocks)]
     if margin is None:
-        return [preset.start - (preset.start - preset.end) * block / num_blocks for block in range(num_blocks)]
+        return schedule
     if not is_real(margin):
         raise TypeError(f"margin must be a real number or a list of one per block, got {type(margin).__name__}")
-    return [margin * (1 - block / num_blocks) for block in range(num_blocks)]
+    return [margin * (m / preset.start) for m in schedule]
 
 
 def _splits(split, preset: Preset, num_blocks: int) -> List:
@@ -115,26 +120,25 @@ def check_method(method, allowed: Tuple[str, ...], num_blocks: int, default_pres
         return MethodOptions(method, delay=delay, window=window)
     name = check_choice("preset", default_preset if preset is None else preset, tuple(PRESETS))
     chosen = PRESETS[name]
-    energy_form = chosen.energy_form if energy_form is None else energy_form
-    alpha = 1.0 if alpha is None else alpha
+    # pitome_match's own checks: a patch takes what the function takes, and says so in the
+    # same words; the margin and split of each block, naming it where they were given per block.
+    energy_form = check_choice("energy_form", chosen.energy_form if energy_form is None else energy_form, FORMS)
+    alpha = check_pitome_alpha(alpha, energy_form)
     margins, splits = [], []
-    # pitome_match's own checks, per block: a patch takes what the function takes, and says
-    # so in the same words; which block, where the values were given per block.
-    per_block = isinstance(margin, (list, tuple)) or isinstance(split, (list, tuple))
     for block, (m, s) in enumerate(zip(_margins(margin, chosen, num_blocks), _splits(split, chosen, num_blocks))):
         try:
-            m, alpha, energy_form, s = check_pitome_options(m, alpha, energy_form, s)
+            margins.append(check_pitome_margin(m, energy_form))
+            splits.append(check_choice("split", s, SPLITS))
         except (TypeError, ValueError) as error:
-            if not per_block:
+            if not isinstance(margin, (list, tuple)) and not isinstance(split, (list, tuple)):
                 raise
             raise type(error)(f"block {block}: {error}") from None
-        margins.append(m)
-        splits.append(s)
     return MethodOptions(method, name, tuple(margins), alpha, energy_form, tuple(splits), delay, window,
                          chosen.prop_attn)
 
 
-def resolve_prop_attn(prop_attn, options: MethodOptions) -> bool:
-    """Proportional attention: as given, or the method's (PiToMe's preset's) when None."""
-    return options.prop_attn if prop_attn is None else check_flag("prop_attn", prop_attn)
+def with_prop_attn(prop_attn, options: MethodOptions) -> MethodOptions:
+    """``options`` with the proportional attention in force: as given, or the method's (PiToMe's
+    preset's) when None."""
+    return options._replace(prop_attn=options.prop_attn if prop_attn is None else check_flag("prop_attn", prop_attn))
 

@@ -37,6 +37,10 @@ def r_per_block(r: RSchedule, num_blocks: int) -> List[int]:
             raise ValueError(f"r gives {len(r)} per-block values but the model has {num_blocks} blocks")
         values = [check_int(f"r[{i}]", v) for i, v in enumerate(r)]
         return values + [0] * (num_blocks - len(values))
+    if isinstance(r, float) and 0 < r < 1:
+        # A fraction is more likely the keep ratio of the PiToMe authors' scripts than a slip.
+        raise TypeError(f"r must be an int, tokens removed per block, got {r!r}; for a keep ratio use "
+                        "r=tome_kernels.patch.schedule.keep_ratio_r(ratio, tokens, num_blocks)")
     return [check_int("r", r)] * num_blocks
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..backends import check_backend_name
 from ..checks import check_flag
 from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
-from .options import check_method, resolve_prop_attn
+from .options import check_method, with_prop_attn
 from .schedule import RSchedule, dsm_r_per_block, r_per_block
 from .state import ToMeState
 
@@ -186,8 +186,9 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: 
             "paper" (equation (4), margin 0.9 (1 - l / L), alternating split, proportional
             attention). docs/methods.md lists what differs from the authors' code.
         margin, alpha, energy_form, split: override the preset (method="pitome" only):
-            margin a number m0 (m0 (1 - l / L) at block l of L) or one per block; split a
-            name or one per block; as in ``pitome_match``.
+            margin a number (the first block's, the preset's schedule scaled to it) or one
+            per block; split a name or one per block; alpha for the ELU forms only; as in
+            ``pitome_match``.
         delay, window: DSM's delay and windows (method="dsm" only).
         trace_source: keep, per image, the final token of every input token
             (``get_state(model).token_map``, O(N) memory).
@@ -210,7 +211,7 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: 
     options = check_method(method, ("tome", "pitome", "dsm"), len(blocks), "authors_vit", preset=preset,
                            margin=margin, alpha=alpha, energy_form=energy_form, split=split, delay=delay,
                            window=window)
-    prop_attn = resolve_prop_attn(prop_attn, options)
+    options = with_prop_attn(prop_attn, options)
     if options.method == "dsm":
         schedule = dsm_r_per_block(r, len(blocks), options.delay)
     else:
@@ -220,7 +221,7 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: 
         schedule,
         class_token=getattr(model, "cls_token", None) is not None,
         distill_token=getattr(model, "dist_token", None) is not None,
-        prop_attn=prop_attn, trace_source=trace_source, backend=backend, options=options,
+        prop_attn=options.prop_attn, trace_source=trace_source, backend=backend, options=options,
     )
     state.undo = remove_timm
     for index, block in enumerate(blocks):

@@ -34,25 +34,30 @@ def pitome(energy: Tensor, k: int, protected: int, real: Optional[Tensor] = None
       and odd ranks destinations; the partition then merges the k sources most similar to a
       destination, as ToMe's matching does.
 
-    The other tokens are kept. ``real`` (B, N) bool marks a padded batch's real tokens
-    (padding has energy -inf and ranks last). With "alternate" and "halves" each row then
+    The other tokens are kept. ``real`` (B, N) bool marks a padded batch's real tokens; its
+    padding ranks after every real token. With "alternate" and "halves" each row then
     takes the pairs it would take alone, min(k, its real unprotected tokens // 2), keeps its
     other real tokens, and makes its padding sources, which merge after every real source
     since they score no similarity; a row without a real pair makes its top-ranked token the
-    destination its padding merges into. Every row still has k sources. "bipartite" needs no
-    such care: padding ranks last and scores no similarity, so it merges after every real
-    source.
+    destination its padding merges into. Every row still has k sources. With "bipartite",
+    padding ranked last alternates like the rest; with NaN metric rows it scores no
+    similarity, so it merges after every real source.
     """
     batch, candidates = energy.shape
     tokens = protected + candidates
     position = torch.arange(candidates, device=energy.device)
     order = torch.sort(energy, dim=1, descending=True, stable=True).indices
+    real = None if real is None else real[:, protected:]
+    if real is not None:
+        # Padding after every real token whatever its energy (a second stable sort keeps the
+        # energy order within each): a real row of NaN, or padding that is not NaN, must not
+        # take a rank among the real pairs, which would leave a row without a destination.
+        order = order.gather(1, torch.sort((~real).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
     rank = torch.empty_like(order).scatter_(1, order, position.expand_as(order))
     if split == "bipartite":
         role = torch.where(rank % 2 == 0, SOURCE, DEST)
     else:
         pairs = torch.full_like(rank[:, :1], k)
-        real = None if real is None else real[:, protected:]
         if real is not None:
             pairs = torch.clamp(real.sum(dim=1, keepdim=True) // 2, max=k)
         if split == "halves":
