@@ -19,11 +19,12 @@ METHODS = ("tome", "pitome", "dsm")
 
 
 class Preset(NamedTuple):
-    """A PiToMe configuration: the margin of block l of L is ``start - (start - end) * l / L``;
-    ``first_split`` in blocks 0 .. ceil(L / 2) - 1, ``second_split`` in the others."""
+    """A PiToMe configuration: the margin of block l of L is ``start - fall * (l / L)`` (as the
+    authors' patches compute it); ``first_split`` in blocks 0 .. ceil(L / 2) - 1,
+    ``second_split`` in the others."""
 
     start: float
-    end: float
+    fall: float
     energy_form: str
     first_split: str
     second_split: str
@@ -32,13 +33,13 @@ class Preset(NamedTuple):
 
 
 PRESETS = {
-    "authors_vit": Preset(0.75, 0.0, "elu", "bipartite", "alternate", False,
+    "authors_vit": Preset(0.75, 0.75, "elu", "bipartite", "alternate", False,
                           "the authors' DeiT / ViT patch"),
-    "authors_mae": Preset(0.75, 0.0, "elu", "alternate", "bipartite", False,
+    "authors_mae": Preset(0.75, 0.75, "elu", "alternate", "bipartite", False,
                           "the authors' MAE patch"),
-    "authors_text": Preset(0.9, 0.65, "gaussian", "halves", "halves", False,
+    "authors_text": Preset(0.9, 0.25, "gaussian", "halves", "halves", False,
                            "the authors' BERT patch"),
-    "paper": Preset(0.9, 0.0, "paper", "alternate", "alternate", True,
+    "paper": Preset(0.9, 0.9, "paper", "alternate", "alternate", True,
                     "equation (4) of the paper, margin 0.9 (1 - l / L)"),
 }
 
@@ -77,12 +78,13 @@ def _margins(margin, preset: Preset, num_blocks: int) -> List:
     listed = _per_block("margin", margin, num_blocks)
     if listed is not None:
         return listed
-    schedule = [preset.start - (preset.start - preset.end) * block / num_blocks for block in range(num_blocks)]
-    if margin is None:
-        return schedule
-    if not is_real(margin):
-        raise TypeError(f"margin must be a real number or a list of one per block, got {type(margin).__name__}")
-    return [margin * (m / preset.start) for m in schedule]
+    start, fall = preset.start, preset.fall
+    if margin is not None:
+        if not is_real(margin):
+            raise TypeError(f"margin must be a real number or a list of one per block, got {type(margin).__name__}")
+        # fall / start is exactly 1 for the presets that fall to 0: m0 - m0 (l / L) then.
+        start, fall = margin, (fall / start) * margin
+    return [start - fall * (block / num_blocks) for block in range(num_blocks)]
 
 
 def _splits(split, preset: Preset, num_blocks: int) -> List:
