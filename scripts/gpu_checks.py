@@ -102,6 +102,7 @@ CPU_ONLY = [
     "tests/tools/test_lint.py",
     "tests/tools/test_public_api.py",
     "tests/tools/test_readme.py",
+    "tests/tools/test_report.py",
     "tests/tools/test_visualize.py",
 ]
 

@@ -69,6 +69,11 @@ def _load_error(name: str) -> Optional[str]:
     return _REGISTRY[name].load_error()
 
 
+def registered_backends() -> List[str]:
+    """The backends' names in ``auto``'s order of preference, without loading any."""
+    return list(_REGISTRY)
+
+
 def available_backends() -> Dict[str, BackendStatus]:
     """Every backend, whether it can run here, and if not, why."""
     status = {}

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["ExtensionUnavailable", "load", "status", "loaded_from"]
+__all__ = ["ExtensionUnavailable", "load", "status", "loaded_from", "build_state"]
 
 KINDS = ("cpu", "cuda")
 AOT_MODULES = {"cpu": "tome_kernels._C", "cuda": "tome_kernels._C_cuda"}
@@ -263,6 +263,25 @@ def status(kind: str) -> Optional[str]:
     if not os.environ.get(ENV_CSRC) and importlib.util.find_spec(AOT_MODULES[kind]) is not None:
         return None
     return _jit_obstacle(kind)
+
+
+def build_state(kind: str) -> str:
+    """Where ``kind``'s kernels come from here, without building anything: loaded from a
+    library, an installed ahead-of-time build, a cached JIT build, or a JIT build still to
+    make (with its folder), else why none can be made."""
+    _check_kind(kind)
+    if kind in _loaded:
+        return f"loaded from {_loaded[kind]}"
+    if not os.environ.get(ENV_CSRC) and importlib.util.find_spec(AOT_MODULES[kind]) is not None:
+        return f"installed ahead-of-time build ({AOT_MODULES[kind]})"
+    reason = status(kind)
+    if reason:
+        return f"cannot load: {reason}"
+    csrc = source_dir()
+    build_dir = cache_root() / f"{kind}-{cache_key(kind, csrc)}"
+    if (build_dir / "complete.json").is_file():
+        return f"cached JIT build in {build_dir}"
+    return f"not built yet: its first use compiles {csrc} into {build_dir} (minutes)"
 
 
 def _check_kind(kind: str) -> None:
