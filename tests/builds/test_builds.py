@@ -270,6 +270,12 @@ def test_setup_py_builds_the_cpu_extension_and_ships_the_sources(wheel):
                    "compile_check"]:
         assert f"tome_kernels/backends/triton/{module}.py" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    # The licence travels with the wheel, as a file and in the metadata pip shows.
+    archive = zipfile.ZipFile(path)
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    text = archive.read(metadata).decode()
+    assert "License-Expression: Apache-2.0" in text and "Requires-Python: >=3.11" in text
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     if CPU_TORCH:
         assert not any(n.startswith("tome_kernels/_C_cuda") for n in names)
         assert f"setup.py: building tome_kernels._C only (torch {torch.__version__} is not a CUDA build)" in output
