@@ -5,9 +5,8 @@ A tiny random timm ViT and a tiny random BertModel, patched with method="pitome"
 authors' presets, against loops written here from the description of the authors' code: the
 block as they run it (attention, the merge on the keys averaged over heads, the MLP), each
 block's merges decided by a plain-Python oracle of their algorithm (float64, ``math.fsum``).
-The oracle is a short second copy of the one in tests/contract/test_pitome_authors.py (test
-modules do not import one another), without its handling of exact ties: random model
-activations have none.
+The oracle is the one of tests/contract/test_pitome_authors.py (tests/contract/pitome_oracle.py),
+here without that file's handling of exact ties: random model activations have none.
 """
 
 import copy
