@@ -141,6 +141,8 @@ def test_jit_first_build_registers_the_operators_once_for_two_processes(jit_cach
     stderr = "".join(p.stderr for p in procs)
     assert stderr.count(BUILD_LINE) == 1, stderr
     assert stderr.count("waiting for another process") == 1, stderr
+    # The build says when it ended (and, every 15 s before that, how far it is).
+    assert stderr.count("tome_kernels: cpu extension build: ended after") == 1, stderr
     print(f"first JIT build (two processes): {seconds:.1f} s")
 
 
@@ -192,6 +194,28 @@ def test_cache_key_covers_every_file_and_the_kind(tmp_path):
     assert extension_build.cache_key("cuda", tree) != key
     (tree / "cpu" / "new_header.h").write_text("#pragma once\n")  # an unlisted header counts too
     assert extension_build.cache_key("cpu", tree) != key
+
+
+def test_build_progress_counts_compiled_sources(tmp_path, capsys):
+    progress = extension_build._BuildProgress("cpu", tmp_path, total=3, interval=0.02)
+    (tmp_path / "ops.o").write_bytes(b"")
+    (tmp_path / "merge.o").write_bytes(b"")
+    (tmp_path / "build.ninja").write_text("")  # not an object file: not counted
+    deadline = time.monotonic() + 10
+    while "2 of 3 sources compiled" not in capsys.readouterr().err and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert progress.compiled() == 2
+    progress.stop()
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("tome_kernels: cpu extension build: ended after"), err
+    assert not progress._thread.is_alive()
+
+
+def test_build_progress_is_quiet_when_the_compiler_is_shown(tmp_path, capsys):
+    progress = extension_build._BuildProgress("cpu", tmp_path, total=3, quiet=True, interval=0.01)
+    time.sleep(0.05)
+    progress.stop()
+    assert capsys.readouterr().err == ""
 
 
 def test_sources_list_rejects_unknown_groups(tmp_path):

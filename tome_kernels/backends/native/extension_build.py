@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -421,6 +422,38 @@ def _excerpt(output: str, count: int = 15) -> str:
     return "\n".join(lines[first:first + count] if first is not None else lines[-count:])
 
 
+class _BuildProgress:
+    """Prints, every ``interval`` seconds while a JIT build runs, how many of its sources are
+    compiled, and at the end how long the build took: a first use that compiles for minutes
+    must not look hung. Compiled sources are counted as the object files ninja has written
+    into the build folder (``<source>.o``, ``<source>.cuda.o``); an object left there by an
+    interrupted build counts too, since ninja will not compile it again."""
+
+    def __init__(self, kind: str, build_dir: Path, total: int, quiet: bool = False, interval: float = 15.0):
+        self.kind, self.build_dir, self.total, self.interval = kind, build_dir, total, interval
+        self.start = time.monotonic()
+        self._done = threading.Event()
+        self._thread = None
+        if not quiet:  # with the compiler's own output shown, ninja already shows [k/n]
+            self._thread = threading.Thread(target=self._run, name="tome_kernels-build-progress", daemon=True)
+            self._thread.start()
+
+    def compiled(self) -> int:
+        return min(self.total, sum(1 for p in self.build_dir.glob("*.o")))
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            print(f"tome_kernels: {self.kind} extension build: {self.compiled()} of {self.total} sources "
+                  f"compiled after {time.monotonic() - self.start:.0f} s", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+            print(f"tome_kernels: {self.kind} extension build: ended after {time.monotonic() - self.start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+
 def _compile(kind: str, csrc: Path, name: str, build_dir: Path) -> None:
     from torch.utils import cpp_extension
 
@@ -430,13 +463,15 @@ def _compile(kind: str, csrc: Path, name: str, build_dir: Path) -> None:
     if missing:
         raise ExtensionUnavailable(f"cannot build the {kind} extension: {csrc / 'sources.txt'} lists "
                                    f"sources that do not exist: {', '.join(missing)}")
-    print(f"tome_kernels: building the {kind} extension from {csrc} into {build_dir} "
-          f"(first use only, about a minute; {ENV_VERBOSE}=1 shows the compiler)", file=sys.stderr, flush=True)
+    print(f"tome_kernels: building the {kind} extension from {csrc} into {build_dir}: {len(sources)} sources, "
+          f"first use only, 1 to 4 minutes on two cores ({ENV_VERBOSE}=1 shows the compiler)",
+          file=sys.stderr, flush=True)
     (build_dir / "lock").unlink(missing_ok=True)  # a stale baton: see _file_lock
     flags = _flags(kind)
     env_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if kind == "cuda":
         os.environ["TORCH_CUDA_ARCH_LIST"] = flags["archs"]
+    progress = _BuildProgress(kind, build_dir, len(sources), quiet=verbose)
     try:
         # is_python_module=False: the extension's Python module is empty; what matters are
         # its static TORCH_LIBRARY registrations, which torch.ops.load_library (dlopen) runs.
@@ -461,6 +496,7 @@ def _compile(kind: str, csrc: Path, name: str, build_dir: Path) -> None:
             f"({more}; {ENV_VERBOSE}=1 shows the compiler as it runs; {ENV_NO_JIT}=1 turns JIT builds off)"
         ) from None
     finally:
+        progress.stop()
         if kind == "cuda":
             if env_archs is None:
                 os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
