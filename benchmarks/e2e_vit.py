@@ -3,13 +3,18 @@
     python -m benchmarks.e2e_vit                                   # defaults for this device
     python -m benchmarks.e2e_vit --models vit_b16_224 --batch 64 --providers unpatched reference auto
 
-For each model (random weights, eval mode, inference mode) and provider: the median forward
-time, images per second, the speed-up over the unpatched model and over ToMe through the
-``reference`` backend, the time spent merging and its share of the forward time, the tokens
-left after the last block and how far the logits are from ToMe through ``reference``.
-Providers: ``unpatched`` (plain timm), ``tome_reference``, and ``tome_<backend>`` for the
-backend ``auto`` picks here (plus, on a GPU, every other fast backend that can run). Raw
-timings, device, versions and commit go to benchmarks/results/e2e_<device>_<time>.json.
+For each model (random weights, eval mode, inference mode), provider and r: the median
+forward time and its spread, images per second, the speed-up over the unpatched model and
+over ToMe through the ``reference`` backend at the same r, the time spent merging and its
+share of the forward time, the tokens left after the last block and how far the logits are
+from ToMe through ``reference``. Providers: ``unpatched`` (plain timm: the r = 0 point),
+``tome_reference``, and ``tome_<backend>`` for the backend ``auto`` picks here (plus, on a
+GPU, every other fast backend that can run). Each ToMe provider runs at the model's r and
+at its sweep's (ViT-B/16: r = 4, 8, 12, 16), for the plot of images/s against r. A timing
+that spreads widely or was taken beside other work is measured again, then flagged
+(spread.py). Raw timings, the machine's load and thread settings, device, versions and
+commit go to benchmarks/results/local/e2e_<device>_<time>.json (``--save-record``:
+benchmarks/results/).
 
 Merge share: the first, untimed forward pass of each patched model (an extra eager one under
 --compile) records every block's merge inputs (tokens, keys, sizes, r); each block's merge is
@@ -21,11 +26,10 @@ in L2: the share is, if anything, an overestimate.
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,11 +38,13 @@ import tome_kernels.patch
 from tome_kernels.backends import select_backend
 from tome_kernels.reference import clamp_r
 
-from .measure import environment, save_results, time_fn
+from . import report
+from .measure import environment, load_average, machine, save_results, time_fn
 from .providers import unavailable_reason
+from .spread import RETRIES, mark, measure_steadily, spread, unsteady
+from .spread import settings as spread_settings
 from .timm_import import import_timm
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -47,6 +53,7 @@ class ModelSpec:
     """A timm model with random weights, its input resolution, r and batch sizes.
 
     ``r`` is the default per block; every block clamps it to what its token count allows.
+    ``sweep``: the other r values timed, for the plot of throughput against r.
     """
 
     timm_name: str
@@ -55,14 +62,18 @@ class ModelSpec:
     gpu_batch: int
     cpu_batch: int
     kwargs: Dict = field(default_factory=dict)
+    sweep: Tuple[int, ...] = ()
 
 
 # ViT-B/16 at 224: 197 tokens, 12 blocks; r = 16 is ToMe's usual setting: the last block is
 # clamped to (21 - 1) // 2 = 10 and 11 tokens remain. ViT-L/16 at 512 (timm's 384 model built
 # at 512, 1025 tokens, 24 blocks): r = 40 merges 960 tokens without any clamp (the last block
 # has 105 tokens, (105 - 1) // 2 = 52 >= 40) and 65 remain; it is also benchmarks.run's shape.
+# ViT-B/16 is also timed at r = 4, 8 and 12 (197 tokens down to 149, 101, 53 after 12 blocks),
+# each as long as a few seconds on a 2-core CPU at batch 4; ViT-L/16 only at its r, its
+# forward pass being 5x as long.
 MODELS: Dict[str, ModelSpec] = {
-    "vit_b16_224": ModelSpec("vit_base_patch16_224", 224, r=16, gpu_batch=256, cpu_batch=4),
+    "vit_b16_224": ModelSpec("vit_base_patch16_224", 224, r=16, gpu_batch=256, cpu_batch=4, sweep=(4, 8, 12)),
     "vit_l16_512": ModelSpec("vit_large_patch16_384", 512, r=40, gpu_batch=32, cpu_batch=1, kwargs={"img_size": 512}),
 }
 
@@ -75,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-size", action="store_true", help="use the GPU batch sizes even on a CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on a GPU, float32 on a CPU")
     p.add_argument("--r", type=int, help="tokens merged per block for every model (default: per model)")
+    p.add_argument("--sweep", type=int, nargs="*", default=None,
+                   help="further r values, each timed with every ToMe provider (default: per model, 4 8 12 for "
+                        "ViT-B/16); --sweep alone: none")
     p.add_argument("--providers", nargs="+", default=None,
                    help="unpatched, reference, auto, or backend names (tome_ prefix optional); default: unpatched, "
                         "reference, auto, and on a GPU every other fast backend that can run")
@@ -86,8 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.5, help="CPU: keep sampling forward passes until this long")
     p.add_argument("--compile", action="store_true", help="time each provider's model under torch.compile")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=RESULTS_DIR, help="where the JSON goes")
-    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help=f"times a row whose timings spread widely is measured again before it is flagged "
+                        f"(default {RETRIES})")
+    report.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -172,7 +188,7 @@ def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: 
     batch = images.shape[0]
     row = {"model": spec_name, "timm_name": spec.timm_name, "img_size": spec.img_size, "batch": batch,
            "provider": provider["name"], "backend": provider["backend"], "auto": provider["auto"],
-           "r": None if provider["backend"] is None else r}
+           "r": 0 if provider["backend"] is None else r}
     if provider.get("reason"):
         return {**row, "status": "unavailable", "reason": provider["reason"]}
     tome = provider["backend"] is not None
@@ -204,13 +220,19 @@ def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: 
                                     settings["merge_reps"])
             del calls  # on a GPU, every block's inputs: give the memory back before timing
             row.update(merge_times_s=per_block, merge_s=sum(statistics.median(t) for t in per_block))
-        times = time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"], args.min_seconds)
+        timed = measure_steadily(
+            lambda: [time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"], args.min_seconds)],
+            args.retries, log=_log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    median = statistics.median(times)
-    row.update(status="ok", times_s=times, median_s=median, images_per_s=batch / median, logits=logits)
+    median = timed["spread"]["median_s"]
+    row.update(status="ok", times_s=timed["times_s"], median_s=median, spread=timed["spread"], flags=timed["flags"],
+               attempts=timed["attempts"], others_cpu_share=timed["others_cpu_share"],
+               discarded_times_s=timed["discarded_times_s"], images_per_s=batch / median, logits=logits)
     if tome:
         row["merge_share"] = row["merge_s"] / median
+        if row["merge_share"] > 1:
+            row["flags"].append("merge_share")
     return row
 
 
@@ -219,20 +241,36 @@ def _max_abs_diff(row: Dict, other: Optional[Dict]) -> Optional[float]:
 
 
 def _add_comparisons(rows: List[Dict]) -> None:
-    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
-    unpatched, ref = ok.get("unpatched"), ok.get("tome_reference")
-    for r in ok.values():
+    """Each row of one model against the unpatched model and against ToMe through
+    ``reference`` at the same r; a ratio over a baseline not measured steadily is flagged."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    unpatched = next((r for r in ok if r["provider"] == "unpatched"), None)
+    refs = {r["r"]: r for r in ok if r["provider"] == "tome_reference"}
+    for r in ok:
+        ref = refs.get(r["r"])
         r["speedup_vs_unpatched"] = unpatched["median_s"] / r["median_s"] if unpatched else None
-        r["speedup_vs_tome_reference"] = ref["median_s"] / r["median_s"] if ref else None
+        r["speedup_vs_tome_reference"] = ref["median_s"] / r["median_s"] if ref and r["backend"] else None
         r["logits_max_abs"] = r["logits"].abs().max().item()
         if r["backend"] is not None:
             r["logits_max_abs_diff_vs_tome_reference"] = _max_abs_diff(r, ref)
         r["logits_max_abs_diff_vs_unpatched"] = _max_abs_diff(r, unpatched)
-    for r in ok.values():
+        baselines = [b for b in (unpatched, ref if r["backend"] else None) if b is not None and b is not r]
+        if any(unsteady(b) for b in baselines):
+            r["flags"].append("baseline")
+    for r in ok:
         del r["logits"]
 
 
+def r_values(spec: ModelSpec, args: argparse.Namespace) -> List[int]:
+    """The r values a model's ToMe providers run at: its r and its sweep, or the command line's;
+    r = 0 is the unpatched model's row."""
+    r = spec.r if args.r is None else args.r
+    sweep = spec.sweep if args.sweep is None else args.sweep
+    return sorted({r, *sweep} - {0})
+
+
 def run(args: argparse.Namespace) -> Dict:
+    load_before = load_average()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_gpu else torch.float32)
@@ -240,6 +278,7 @@ def run(args: argparse.Namespace) -> Dict:
     settings = {"dtype": str(dtype).replace("torch.", ""), "reps": reps,
                 "warmup": args.warmup if args.warmup is not None else (3 if on_gpu else 0),
                 "merge_reps": args.merge_reps or max(reps, 5), "min_seconds": args.min_seconds,
+                "spread": spread_settings(args.retries),
                 "compile": args.compile, "seed": args.seed,
                 "timer": "cuda events, L2 flushed before each call" if on_gpu else "time.perf_counter",
                 "merge_timing": "each block's merge re-run alone on the inputs recorded in one eager forward pass; "
@@ -254,14 +293,16 @@ def run(args: argparse.Namespace) -> Dict:
         for name in names:
             spec = MODELS[name]
             batch = args.batch or (spec.gpu_batch if on_gpu or args.full_size else spec.cpu_batch)
-            r = spec.r if args.r is None else args.r
             _log(f"{name}: building {spec.timm_name} (img_size {spec.img_size}, random weights) in {settings['dtype']}")
             model = build_model(spec, device, dtype, args.seed)
             g = torch.Generator(device="cpu").manual_seed(args.seed)
             images = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g).to(device, dtype)
+            # The unpatched model once (r = 0), then each r with every ToMe provider.
+            runs = [(p, 0) for p in providers if p["backend"] is None]
+            runs += [(p, r) for r in r_values(spec, args) for p in providers if p["backend"] is not None]
             group = []
-            for i, provider in enumerate(providers):
-                _log(f"[{i + 1}/{len(providers)}] {name} B={batch} {provider['name']}")
+            for i, (provider, r) in enumerate(runs):
+                _log(f"[{i + 1}/{len(runs)}] {name} B={batch} {provider['name']} r={r}")
                 group.append(_measure(name, spec, model, images, provider, r, device, args, settings))
             _add_comparisons(group)
             rows += group
@@ -269,45 +310,66 @@ def run(args: argparse.Namespace) -> Dict:
             if on_gpu:
                 torch.cuda.empty_cache()
     return {
+        "benchmark": "e2e_vit",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(device),
+        "machine": machine(load_before),
         "settings": settings,
         "rows": rows,
     }
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
-    """``spec`` as in format(); a trailing "x" marks a ratio."""
-    if value is None:
-        return "-"
-    return format(value, spec[:-1]) + "x" if spec.endswith("x") else format(value, spec)
+    return "" if value is None else format(value, spec)
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{report.num(value)}x"
+
+
+def _ms(seconds: float) -> str:
+    """Tenths of a millisecond, whole ones from 1 s: the column stays narrow."""
+    return f"{seconds * 1e3:.0f}" if seconds >= 1 else f"{seconds * 1e3:.1f}"
+
+
+HEADER = ["model", "B", "provider", "r", "ms", "spread", "img/s", "vs unpatched", "vs ref", "merge ms (%)", "tokens",
+          "logit diff", "flags"]
 
 
 def format_table(results: Dict) -> str:
     s = results["settings"]
-    lines = [
+    head = report.wrap(
         f"device: {results['device']['name']} | torch {results['versions']['torch']} | dtype {s['dtype']} | "
-        f"median of {s['reps']} forward passes{' | torch.compile' if s['compile'] else ''}",
-        "",
-        "| model | B | provider | r | median ms | images/s | vs unpatched | vs tome_reference | merge ms | merge % "
-        "| tokens out | max abs logit diff vs tome_reference |",
-        "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+        f"median of {s['reps']} forward passes or more{' | torch.compile' if s['compile'] else ''}"
+    ) + report.conditions_line(results)
+    errors = report.error_notes(results["rows"])
+    body = []
     for r in results["rows"]:
-        head = f"| {r['model']} | {r['batch']} | {r['provider']} | {_fmt(r['r'], 'd')} |"
+        cells = [r["model"], str(r["batch"]), r["provider"], _fmt(r["r"], "d")]
+        if r["status"] == "unavailable":
+            continue  # named once under the table
         if r["status"] != "ok":
-            lines.append(head + f" {r['status']}: {r['reason']} |" + " |" * 7)
+            body.append(cells + [f"{r['status']} [{errors[report.error_key(r)]}]"] + [""] * 8)
             continue
         merge = r.get("merge_s")
-        cells = [
-            f"{r['median_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
-            _fmt(r["speedup_vs_unpatched"], ".2fx"), _fmt(r["speedup_vs_tome_reference"], ".2fx"),
-            _fmt(None if merge is None else merge * 1e3, ".2f"),
-            _fmt(None if merge is None else r["merge_share"] * 100, ".1f"),
-            _fmt(r.get("tokens_last_block"), "d"), _fmt(r.get("logits_max_abs_diff_vs_tome_reference"), ".2e"),
-        ]
-        lines.append(head + "".join(f" {c} |" for c in cells))
-    return "\n".join(lines)
+        # Results saved before the spreads were recorded have none: computed from their times.
+        iqr = (r.get("spread") or spread(r["times_s"]))["iqr_rel"]
+        body.append(cells + [
+            _ms(r["median_s"]), f"{iqr:.0%}", report.num(r["images_per_s"]),
+            _ratio(r["speedup_vs_unpatched"]), _ratio(r["speedup_vs_tome_reference"]),
+            "" if merge is None else f"{report.num(merge * 1e3)} ({report.num(r['merge_share'] * 100)}%)",
+            _fmt(r.get("tokens_last_block"), "d"), _fmt(r.get("logits_max_abs_diff_vs_tome_reference"), ".1e"),
+            mark(r.get("flags", ()))])
+    explained = ["ms: median forward time; spread: the interquartile range of the timed passes over the median (min, "
+                 "quartiles, max in the JSON); vs ref: speed-up over tome_reference at the same r; merge ms: the "
+                 "merges re-run alone, summed over the blocks (their share of the forward time); tokens: left "
+                 "after the last block; logit diff: largest absolute difference from tome_reference's logits."]
+    table = report.table(HEADER, "lrlrrrrrrrrrl", body)
+    return "\n".join(head + [""] + table + report.notes(results, errors, _label, explained))
+
+
+def _label(row: Dict) -> str:
+    return f"{row['model']} r={row['r']}"
 
 
 def save(results: Dict, out_dir: str) -> str:
@@ -321,7 +383,7 @@ def main(argv=None) -> Dict:
     results["arguments"] = vars(args)
     print(format_table(results))
     if not args.no_save:
-        print(f"saved {save(results, args.out)}")
+        print(f"saved {save(results, report.output_dir(args))}")
     return results
 
 

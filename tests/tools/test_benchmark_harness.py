@@ -1,6 +1,7 @@
 """The benchmark harness measures what it says: bytes, peak memory, results file, table."""
 
 import json
+import os
 import statistics
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 from benchmarks import providers, run
 from benchmarks.measure import peak_extra_bytes, rel_err
 from benchmarks.providers import applies, same_group
+from benchmarks.report import MAX_WIDTH
 from benchmarks.shapes import CPU_SHAPES, GPU_SHAPES, Shape
+from benchmarks.spread import RETRIES
 
 
 def test_min_bytes_by_hand():
@@ -76,21 +79,37 @@ def test_rel_err():
     assert rel_err((a + torch.tensor([0.0, 0.5]),), (a,)) == pytest.approx(0.1)
 
 
-def test_run_saves_raw_results(tmp_path, capsys):
+def test_run_saves_raw_results(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     argv = ["--shapes", "vit_b16_224_b1", "--providers", "reference", "--reps", "3", "--warmup", "1",
             "--min-seconds", "0", "--copy-mib", "8", "--out", str(tmp_path)]
     run.main(argv)
     printed = capsys.readouterr().out
     assert "vit_b16_224_b1" in printed and "fwd+bwd" in printed
+    assert max(len(line) for line in printed.splitlines()) <= MAX_WIDTH
     (path,) = tmp_path.iterdir()
     results = json.loads(path.read_text())
+    assert results["benchmark"] == "kernels"
     assert results["device"]["type"] == "cpu" and results["versions"]["torch"] == torch.__version__
     assert "sha" in results["commit"] and results["copy_bandwidth"]["gbps"] > 0
+    # The copy is measured before and after the rows; the faster is the ceiling.
+    assert results["copy_bandwidth"]["gbps"] == max(c["gbps"] for c in results["copy_bandwidth_measurements"])
+    assert len(results["copy_bandwidth_measurements"]) == 2
+    m = results["machine"]
+    assert m["cpu_count"] == os.cpu_count() and len(m["load_before"]) == len(m["load_after"]) == 3
+    assert m["threads"] == {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+                            "env": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": None}}
+    assert results["settings"]["spread"]["retries"] == RETRIES
     rows = results["rows"]
     assert [(r["pass"], r["status"]) for r in rows] == [("fwd", "ok"), ("fwd+bwd", "ok")]
     for r in rows:
         assert len(r["times_s"]) >= 3 and all(t > 0 for t in r["times_s"])
         assert r["median_s"] == statistics.median(r["times_s"])
+        s = r["spread"]
+        assert s["min_s"] == min(r["times_s"]) and s["max_s"] == max(r["times_s"]) and s["median_s"] == r["median_s"]
+        assert s["min_s"] <= s["q1_s"] <= s["median_s"] <= s["q3_s"] <= s["max_s"]
+        assert 1 <= r["attempts"] <= RETRIES + 1 and len(r["discarded_times_s"]) == r["attempts"] - 1
+        assert isinstance(r["flags"], list) and r["first_call_s"] > 0
         assert r["speedup_vs_reference"] == 1.0 and r["rel_err_vs_reference"] == 0.0
         assert r["gbps"] == pytest.approx(r["min_bytes"] / r["median_s"] / 1e9)
         assert r["peak_extra_bytes"] is not None
@@ -126,6 +145,21 @@ def compiled_rows(tmp_path, *shapes):
     return run.run(run.parse_args(argv))
 
 
+def test_compile_time_is_reported_apart(tmp_path, capsys):
+    """Compiling takes minutes on a CPU: stderr says so while it runs, and the time goes to
+    its own field and a line under the table, not into the timings."""
+    results = compiled_rows(tmp_path, "vit_b16_224_b1")
+    err = capsys.readouterr().err
+    assert "compiling reference for vit_b16_224_b1 fwd ..." in err and "compiled in " in err
+    (row,) = results["rows"]
+    assert row["status"] == "ok" and row["first_call_s"] > 0
+    # The compile is in the first call, not in any timed one.
+    assert row["first_call_s"] > max(row["times_s"])
+    table = run.format_table(results)
+    assert f"Compile time of reference_compiled (its first call, not in the timings), {row['first_call_s']:.1f} s in " \
+           f"all: vit_b16_224_b1 fwd {row['first_call_s']:.1f} s." in " ".join(table.splitlines())
+
+
 def test_each_compiled_row_is_timed_compiled(tmp_path):
     """Each row compiles its own graph. The CPU table's ten ToMe rows used to share one
     compiled function, and past dynamo's recompile limit (8) the diffusion rows ran eagerly
@@ -148,7 +182,9 @@ def test_a_compiled_row_run_eagerly_is_reported(tmp_path, monkeypatch):
     results = compiled_rows(tmp_path, "vit_b16_224_b1")
     (row,) = results["rows"]
     assert (row["status"], row["compiled_graphs"]) == ("eager fallback", 0) and "times_s" not in row
-    assert "reference_compiled  eager fallback: torch.compile compiled 0 graphs" in run.format_table(results)
+    table = run.format_table(results)
+    assert "| reference_compiled | eager fallback [1] |" in table
+    assert "[1] reference_compiled: torch.compile compiled 0 graphs" in table
 
 
 def test_a_compiled_row_past_the_recompile_limit_fails(tmp_path):
