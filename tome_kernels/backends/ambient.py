@@ -32,19 +32,24 @@ def _device_type(args, kwargs):
     return None
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # A device with no autocast at all (meta) has nothing to disable, and asking whether it
+    # is enabled would raise. torch.compile in torch 2.11 cannot trace the availability
+    # query (an error under fullgraph=True; 2.13 traces it), and a traced tensor is on a
+    # real device, which has autocast: so the query is left out while compiling.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def fixed_numerics(fn):
     """Run ``fn`` with autocast disabled for the device of its tensor arguments."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = _device_type(args, kwargs)
-        # Entering a context costs a few microseconds: only when autocast is on. A device
-        # with no autocast at all (meta) has nothing to disable, and asking would raise.
-        if (
-            device_type is None
-            or not torch.amp.is_autocast_available(device_type)
-            or not torch.is_autocast_enabled(device_type)
-        ):
+        # Entering a context costs a few microseconds: only when autocast is on.
+        if device_type is None or not _autocast_enabled(device_type):
             return fn(*args, **kwargs)
         with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
