@@ -5,8 +5,11 @@
   toolkit is found. ``FORCE_CUDA=1``: build it or fail saying why (never skip it silently).
   ``FORCE_ONLY_CPU=1``: never build it (wins over FORCE_CUDA). ``TORCH_CUDA_ARCH_LIST``:
   the architectures (default: extension_build.DEFAULT_CUDA_ARCHS).
+- ``TOME_KERNELS_NO_BUILD=1``: build no extension at all (seconds instead of minutes); the
+  first use JIT-builds what it needs, once, into the cache.
 - The sources are shipped in the package (``tome_kernels/_csrc/``), so that an installation
-  without ``_C_cuda`` can still JIT-build it (tome_kernels/backends/native/extension_build.py).
+  without ``_C_cuda`` (or without any extension) can still JIT-build it
+  (tome_kernels/backends/native/extension_build.py).
 
 Build with the torch you run with: ``pip install --no-build-isolation .`` (``-e`` for an
 in-place build). Nothing here queries a GPU or the network.
@@ -81,19 +84,24 @@ def _sources(kind):
     return [f"csrc/{path}" for path in eb.extension_sources(groups, kind)]  # setuptools wants relative paths
 
 
-# -g0: Python's CFLAGS carry -g, which costs ~40% more compile time and 17x the object size.
-ext_modules = [
-    CppExtension("tome_kernels._C", _sources("cpu"), include_dirs=[os.path.join(ROOT, "csrc")],
-                 extra_compile_args={"cxx": eb.CXX_FLAGS + ["-g0"]}, extra_link_args=eb.LD_FLAGS),
-]
-with_cuda, why = _cuda_wanted()
-if with_cuda:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", eb.DEFAULT_CUDA_ARCHS)  # else torch would query the GPUs
-    ext_modules.append(
-        CUDAExtension("tome_kernels._C_cuda", _sources("cuda"), include_dirs=[os.path.join(ROOT, "csrc")],
-                      extra_compile_args={"cxx": eb.CUDA_CXX_FLAGS + ["-g0"], "nvcc": eb.NVCC_FLAGS}))
-names = " and ".join(ext.name for ext in ext_modules) + ("" if with_cuda else " only")
-print(f"setup.py: building {names} ({why})", file=sys.stderr)
+if os.environ.get("TOME_KERNELS_NO_BUILD") == "1":
+    ext_modules = []
+    print("setup.py: building no extension (TOME_KERNELS_NO_BUILD=1): the first use JIT-builds them",
+          file=sys.stderr)
+else:
+    # -g0: Python's CFLAGS carry -g, which costs ~40% more compile time and 17x the object size.
+    ext_modules = [
+        CppExtension("tome_kernels._C", _sources("cpu"), include_dirs=[os.path.join(ROOT, "csrc")],
+                     extra_compile_args={"cxx": eb.CXX_FLAGS + ["-g0"]}, extra_link_args=eb.LD_FLAGS),
+    ]
+    with_cuda, why = _cuda_wanted()
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", eb.DEFAULT_CUDA_ARCHS)  # else torch would query the GPUs
+        ext_modules.append(
+            CUDAExtension("tome_kernels._C_cuda", _sources("cuda"), include_dirs=[os.path.join(ROOT, "csrc")],
+                          extra_compile_args={"cxx": eb.CUDA_CXX_FLAGS + ["-g0"], "nvcc": eb.NVCC_FLAGS}))
+    names = " and ".join(ext.name for ext in ext_modules) + ("" if with_cuda else " only")
+    print(f"setup.py: building {names} ({why})", file=sys.stderr)
 
 setup(
     packages=find_packages(include=["tome_kernels", "tome_kernels.*"]),

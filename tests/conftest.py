@@ -9,13 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from benchmarks.timm_import import use_stand_in_if_needed  # noqa: E402
 from tests.helpers import NO_DEVICE  # noqa: E402
 from tome_kernels.backends import registry  # noqa: E402
-
-# timm imports torchvision, which has no build for the CPU torch here: a stand-in that only
-# lets timm import is used when (and only when) the real one is missing.
-use_stand_in_if_needed()
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=1000, deadline=None)

@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -104,13 +105,17 @@ def jit_cache(snapshot, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wheel(snapshot, tmp_path_factory):
-    """``pip wheel`` of the snapshot (setup.py, no build isolation, nothing fetched)."""
+    """``pip wheel`` of the snapshot (setup.py, no build isolation, nothing fetched). With a
+    CUDA build of torch, _C alone (FORCE_ONLY_CPU=1): compiling _C_cuda for two architectures
+    would take minutes more on two cores, and tests/builds/test_cuda_extension_load.py builds
+    and loads it."""
     out = tmp_path_factory.mktemp("wheels")
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "--no-index",
          "--disable-pip-version-check", "--wheel-dir", str(out), str(snapshot)],
-        cwd=out, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        cwd=out, env=_env() if CPU_TORCH else _env(FORCE_ONLY_CPU=1), capture_output=True, text=True,
+        timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (path,) = out.glob("tome_kernels-*.whl")
@@ -263,8 +268,10 @@ def test_no_jit_without_an_installed_build_says_so(snapshot, tmp_path):
     assert BUILD_LINE not in proc.stderr and not list(tmp_path.glob("cpu-*"))
 
 
-@pytest.mark.skipif(not CPU_TORCH, reason="torch here is a CUDA build")
 def test_cuda_fails_fast_on_a_cpu_torch(monkeypatch):
+    # A CPU build of torch is one whose torch.version.cuda is None (also where this torch is
+    # a CUDA build, as the README's environment has).
+    monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(extension_build, "_failed", {})
     monkeypatch.setattr(extension_build, "_loaded", dict(extension_build._loaded))
     reason = extension_build.status("cuda")
@@ -300,10 +307,61 @@ def test_setup_py_builds_the_cpu_extension_and_ships_the_sources(wheel):
     text = archive.read(metadata).decode()
     assert "License-Expression: Apache-2.0" in text and "Requires-Python: >=3.11" in text
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
-    if CPU_TORCH:
-        assert not any(n.startswith("tome_kernels/_C_cuda") for n in names)
-        assert f"setup.py: building tome_kernels._C only (torch {torch.__version__} is not a CUDA build)" in output
+    assert not any(n.startswith("tome_kernels/_C_cuda") for n in names)
+    why = f"torch {torch.__version__} is not a CUDA build" if CPU_TORCH else "FORCE_ONLY_CPU=1"
+    assert f"setup.py: building tome_kernels._C only ({why})" in output
     print(f"pip wheel (setup.py build): {seconds:.1f} s")
+
+
+def test_pip_install_into_a_fresh_environment_with_torch_there(wheel, tmp_path):
+    """A user's install: a new virtual environment in which torch is already importable, the
+    wheel installed with its dependencies resolved (--no-index: nothing can be fetched, so
+    a resolver that wanted another torch would fail here), then used from another folder."""
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=TIMEOUT_S)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True, timeout=TIMEOUT_S).stdout.strip()
+    # torch "already there": this interpreter's site-packages (torch and what it needs) is on
+    # the new environment's path, after its own; .pth files in it are not run, so the
+    # checkout's editable install there is not importable.
+    pathlib.Path(purelib, "with_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The venv's own setuptools (Python 3.11's venv still installs one) is older than torch
+    # needs and would shadow the one installed beside torch; a real environment with torch in
+    # it has that one.
+    subprocess.run([python, "-m", "pip", "uninstall", "--yes", "--quiet", "setuptools"], env=_env(),
+                   capture_output=True, check=True, timeout=TIMEOUT_S)
+    install = subprocess.run([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
+                              str(wheel[0])], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                             timeout=TIMEOUT_S)
+    output = install.stdout + install.stderr
+    assert install.returncode == 0, output
+    assert "Requirement already satisfied: torch>=2.11" in output, output
+    assert "Uninstalling torch" not in output and "Collecting torch" not in output, output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    used = subprocess.run(
+        [python, "-c", "import torch, tome_kernels\n"
+         "x, size = tome_kernels.bipartite_merge(torch.randn(2, 17, 8), torch.randn(2, 17, 4), 4, class_token=True,"
+         " backend='cpu')\n"
+         "print(tome_kernels.__file__, tuple(x.shape))"],
+        cwd=elsewhere, env=_env(TOME_KERNELS_NO_JIT=1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert used.returncode == 0, used.stderr[-3000:]
+    where, shape = used.stdout.strip().split(" ", 1)
+    assert where.startswith(purelib) and shape == "(2, 13, 8)", used.stdout
+    # What `pip show` prints, by the pip of the README's environment (requirements/dev.txt; the
+    # new venv's own pip, 23.2 with Python 3.11, predates licence expressions and shows none).
+    shown = subprocess.run([sys.executable, "-m", "pip", "--python", python, "show", "tome_kernels"], env=_env(),
+                           capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert "Requires: torch" in shown.stdout, shown.stdout + shown.stderr
+    if _pip_version() >= (26, 3):  # the pinned pip, seen to show it; older ones may not
+        assert "License-Expression: Apache-2.0" in shown.stdout, shown.stdout
+
+
+def _pip_version():
+    import pip
+
+    return tuple(int(part) for part in pip.__version__.split(".")[:2])
 
 
 def test_installed_build_wins(installed, tmp_path):
@@ -364,8 +422,10 @@ def test_cmake_builds_the_cpu_extension_and_the_cxx_library(snapshot, tmp_path):
     build = tmp_path / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     start = time.perf_counter()
-    configure = _cmake("-S", str(snapshot), "-B", str(build), *generator, f"-DPython3_EXECUTABLE={sys.executable}",
-                       cwd=tmp_path)
+    # With a CUDA torch, the CPU targets alone, as in the wheel's build (see ``wheel``).
+    cuda = [] if CPU_TORCH else ["-DTOME_KERNELS_CUDA=OFF"]
+    configure = _cmake("-S", str(snapshot), "-B", str(build), *generator, *cuda,
+                       f"-DPython3_EXECUTABLE={sys.executable}", cwd=tmp_path)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     compiled = _cmake("--build", str(build), cwd=tmp_path)
     assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-3000:]

@@ -4,10 +4,9 @@ on a machine without a GPU: nothing runs on a device.
 A CUDA source once went missing from ``csrc/sources.txt``; ``_C_cuda`` still linked, then
 failed to load (an undefined symbol), and no CPU test saw it because nothing on a CPU
 machine loads ``_C_cuda``. A CUDA build of torch imports, builds and loads extensions without
-a GPU, so this test does it with one, in a separate interpreter: ``.venv-cuda/`` (made by
-``bash scripts/env_cuda.sh``, which CI runs), else ``$TOME_CUDA_PYTHON``, else this
-interpreter if its torch is a CUDA build (the GPU machine). It is skipped, saying why, when
-there is none, or no CUDA toolkit.
+a GPU, so this test does it with one, in a separate interpreter: ``$TOME_CUDA_PYTHON``, else
+this interpreter if its torch is a CUDA build (the README's .venv/, which CI uses, and the GPU
+machine). It is skipped, saying why, when there is none, or no CUDA toolkit.
 
 The extension is JIT-built from the checkout's csrc/ (``TOME_KERNELS_CSRC``, so that a stale
 in-place build cannot stand in for it) into the usual cache, which is keyed by every source
@@ -32,7 +31,6 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.build
 
 TIMEOUT_S = 900
-VENV_PYTHON = Path(ROOT) / ".venv-cuda" / "bin" / "python"
 # One architecture is enough to link and load, and sm_90 is the GPU machine's; both sm_80
 # and sm_90 are compiled by tests/builds/test_cuda_compile.py.
 ARCHS = "9.0"
@@ -66,13 +64,10 @@ def _cuda_python():
     """(python, None), or (None, why there is none)."""
     if os.environ.get("TOME_CUDA_PYTHON"):
         return os.environ["TOME_CUDA_PYTHON"], None
-    if VENV_PYTHON.is_file():
-        return str(VENV_PYTHON), None
     if torch.version.cuda is not None:
         return sys.executable, None
-    return None, (f"no CUDA build of torch to build _C_cuda with: {VENV_PYTHON} does not exist (create it with "
-                  f"'bash scripts/env_cuda.sh'), TOME_CUDA_PYTHON is not set, and this torch ({torch.__version__}) "
-                  "is a CPU build")
+    return None, (f"no CUDA build of torch to build _C_cuda with: this torch ({torch.__version__}) is a CPU build "
+                  "and TOME_CUDA_PYTHON is not set (the README's .venv/ has a CUDA build: bash scripts/test.sh)")
 
 
 def _env():

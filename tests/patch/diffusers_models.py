@@ -2,39 +2,20 @@
 test modules (tests/patch/test_patch_diffusion*.py). Skips the importing module when
 diffusers is not installed."""
 
-import contextlib
-
 import pytest
 import torch
 
 from tome_kernels.patch.diffusion import NoMergeWarning
 
-diffusers_import_utils = pytest.importorskip("diffusers.utils.import_utils")
+pytest.importorskip("diffusers")
 
-
-@contextlib.contextmanager
-def diffusers_without_transformers():
-    """diffusers' model classes import its loaders, which import transformers' image
-    processors when transformers is installed; with the torchvision stand-in that conftest
-    gives timm, transformers takes torchvision for present and those imports fail. No test
-    here uses a loader, so diffusers is told, while its models import, that transformers is
-    absent (a flag of diffusers 0.42's import_utils, read when a module imports)."""
-    available = diffusers_import_utils._transformers_available
-    diffusers_import_utils._transformers_available = False
-    try:
-        yield
-    finally:
-        diffusers_import_utils._transformers_available = available
-
-
-with diffusers_without_transformers():
-    from diffusers import (  # noqa: F401 (Transformer2DModel: for the test modules)
-        DiTTransformer2DModel,
-        PixArtTransformer2DModel,
-        Transformer2DModel,
-        UNet2DConditionModel,
-    )
-    from diffusers.models.attention import BasicTransformerBlock
+from diffusers import (  # noqa: E402, F401 (Transformer2DModel: for the test modules)
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    Transformer2DModel,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 
 DIM, CONTEXT_DIM = 32, 24
 

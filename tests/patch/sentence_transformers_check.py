@@ -1,6 +1,6 @@
 """tome_kernels.patch.bert under sentence-transformers (issue 16, part 4), run as
 ``python -m tests.patch.sentence_transformers_check`` by tests/patch/test_patch_bert.py in a
-process without the torchvision stand-in (sentence-transformers cannot import beside it).
+fresh process.
 
 Prints "encode: ok" and "bert-only: ok"; an assertion fails with exit status 1; exits with
 SKIP_EXIT and the reason on its last line when sentence-transformers or the pretrained

@@ -534,10 +534,9 @@ def test_forward_called_directly_works_and_warns_once():
         run(model, batch)
 
 
-def test_sentence_transformers_in_a_process_without_the_torchvision_stand_in():
-    """sentence-transformers imports transformers' processors, which take the torchvision
-    stand-in (on sys.path here for timm) for the real thing; the checks run in a fresh
-    process without it: tests/patch/sentence_transformers_check.py."""
+def test_sentence_transformers_in_a_fresh_process():
+    """tome_kernels.patch.bert under sentence-transformers, in a fresh process where nothing
+    else has been patched or imported: tests/patch/sentence_transformers_check.py."""
     done = subprocess.run([sys.executable, "-m", "tests.patch.sentence_transformers_check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})

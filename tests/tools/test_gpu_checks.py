@@ -424,7 +424,8 @@ def test_crash_probe_runs_each_case_apart(capsys):
     assert lines[0] == "case 1 the cpu extension's error: raised RuntimeError"
     # Not run, because CUDA cannot start: a CPU torch says it has no CUDA, a CUDA torch on a
     # machine without a GPU that it finds no driver.
-    cannot_start = ("not run: AssertionError: Torch not compiled with CUDA", "not run: RuntimeError: Found no NVIDIA driver")
+    cannot_start = ("not run: AssertionError: Torch not compiled with CUDA",
+                    "not run: RuntimeError: Found no NVIDIA driver")
     assert len(lines) == 4 and all(any(c in x for c in cannot_start) for x in lines[1:]), lines
 
 
