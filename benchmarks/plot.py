@@ -49,17 +49,22 @@ def _flagged(row: Dict) -> bool:
 
 def speedup_panel(ax, results: Dict) -> None:
     """Grouped bars: for each shape and pass, each provider's speed-up over reference (log scale)."""
+    from matplotlib.patches import Patch  # only once plot() has found matplotlib
+
     rows = [r for r in results["rows"] if r["status"] == "ok" and r["provider"] != "reference"
             and r.get("speedup_vs_reference")]
     groups = list(dict.fromkeys(f"{r['shape']} {r['pass']}" for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / max(len(providers), 1)
+    handles = []
     for i, provider in enumerate(providers):
         mine = {f"{r['shape']} {r['pass']}": r for r in rows if r["provider"] == provider}
         xs = [g + (i - (len(providers) - 1) / 2) * width for g, name in enumerate(groups) if name in mine]
         picked = [mine[name] for name in groups if name in mine]
         heights = [r["speedup_vs_reference"] for r in picked]
         bars = ax.bar(xs, heights, width, label=provider)
+        # The legend shows each provider's plain colour, whatever its first bar looks like.
+        handles.append(Patch(facecolor=bars[0].get_facecolor(), label=provider))
         for bar, r in zip(bars, picked):
             if _flagged(r):
                 bar.set_hatch("//")
@@ -77,7 +82,8 @@ def speedup_panel(ax, results: Dict) -> None:
     ax.set_ylabel("speed-up over reference")
     s = results["settings"]
     ax.set_title(f"merge step: {results['device']['name']}, {s['dtype']} (hatched: flagged in the table)", fontsize=9)
-    ax.legend(fontsize=7, ncol=min(len(providers), 5))
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="flagged"))
+    ax.legend(handles=handles, fontsize=7, ncol=min(len(handles), 6))
 
 
 def throughput_panel(ax, rows: Sequence[Dict], model: str, results: Dict) -> None:

@@ -98,6 +98,7 @@ CPU_ONLY = [
     "tests/contract/test_properties.py",
     "tests/patch/",
     "tests/tools/test_bench_flags.py",
+    "tests/tools/test_bench_minilm.py",
     "tests/tools/test_bench_plot.py",
     "tests/tools/test_flops.py",
     "tests/tools/test_gpu_checks.py",
