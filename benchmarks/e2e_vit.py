@@ -41,7 +41,7 @@ from tome_kernels.reference import clamp_r
 from . import report
 from .measure import environment, load_average, machine, save_results, time_fn
 from .providers import unavailable_reason
-from .spread import RETRIES, mark, measure_steadily, spread, unsteady
+from .spread import RETRIES, Steadiness, mark, spread, unsteady
 from .spread import settings as spread_settings
 from .timm_import import import_timm
 
@@ -184,7 +184,8 @@ def time_merges(calls: List[Dict], state, backend: str, device, warmup: int, rep
     return per_block
 
 
-def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: int, device, args, settings) -> Dict:
+def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: int, device, args, settings,
+             steady: Steadiness) -> Dict:
     batch = images.shape[0]
     row = {"model": spec_name, "timm_name": spec.timm_name, "img_size": spec.img_size, "batch": batch,
            "provider": provider["name"], "backend": provider["backend"], "auto": provider["auto"],
@@ -220,14 +221,15 @@ def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: 
                                     settings["merge_reps"])
             del calls  # on a GPU, every block's inputs: give the memory back before timing
             row.update(merge_times_s=per_block, merge_s=sum(statistics.median(t) for t in per_block))
-        timed = measure_steadily(
+        timed = steady.measure(
             lambda: [time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"], args.min_seconds)],
-            args.retries, log=_log)[0]
+            log=_log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
     median = timed["spread"]["median_s"]
     row.update(status="ok", times_s=timed["times_s"], median_s=median, spread=timed["spread"], flags=timed["flags"],
-               attempts=timed["attempts"], others_cpu_share=timed["others_cpu_share"],
+               attempts=timed["attempts"], retries_allowed=timed["retries_allowed"],
+               others_cpu_share=timed["others_cpu_share"],
                discarded_times_s=timed["discarded_times_s"], images_per_s=batch / median, logits=logits)
     if tome:
         row["merge_share"] = row["merge_s"] / median
@@ -289,6 +291,7 @@ def run(args: argparse.Namespace) -> Dict:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     providers = _resolve_providers(args.providers, device, dtype)
     rows: List[Dict] = []
+    steady = Steadiness(args.retries)
     with torch.inference_mode():
         for name in names:
             spec = MODELS[name]
@@ -303,7 +306,7 @@ def run(args: argparse.Namespace) -> Dict:
             group = []
             for i, (provider, r) in enumerate(runs):
                 _log(f"[{i + 1}/{len(runs)}] {name} B={batch} {provider['name']} r={r}")
-                group.append(_measure(name, spec, model, images, provider, r, device, args, settings))
+                group.append(_measure(name, spec, model, images, provider, r, device, args, settings, steady))
             _add_comparisons(group)
             rows += group
             del model, images

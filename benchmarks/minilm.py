@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from . import report  # noqa: E402
 from .measure import environment, load_average, machine, save_results  # noqa: E402
-from .spread import RETRIES, mark, measure_steadily, spread, unsteady  # noqa: E402
+from .spread import RETRIES, Steadiness, mark, spread, unsteady  # noqa: E402
 from .spread import settings as spread_settings  # noqa: E402
 
 DEFAULT_R = [0, 1, 2, 3, 4]
@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> Dict:
          f"to {st_diff:.1e}; merge backend {backend_used}")
 
     rows = []
+    steady = Steadiness(args.retries)
     for r in args.r:
         measured = []
         for method in args.methods:
@@ -269,12 +270,12 @@ def run(args: argparse.Namespace) -> Dict:
                  + [(functools.partial(patch.bert, model, r, **METHODS[method], backend=args.backend),
                      lambda: forward_all(model, data.batches)) for method in args.methods])
         # All of an r's cases again when one is wide: they are compared with each other.
-        base, *timed = measure_steadily(lambda: time_interleaved(cases, device, args.warmup, args.reps),
-                                        args.retries, log=_log)
+        base, *timed = steady.measure(lambda: time_interleaved(cases, device, args.warmup, args.reps), log=_log)
         patch.remove(model)
         for row, t in zip(measured, timed):
             row.update({"times_s": t["times_s"], "median_s": t["spread"]["median_s"], "spread": t["spread"],
-                        "flags": t["flags"], "attempts": t["attempts"], "others_cpu_share": t["others_cpu_share"],
+                        "flags": t["flags"], "attempts": t["attempts"], "retries_allowed": t["retries_allowed"],
+                        "others_cpu_share": t["others_cpu_share"],
                         "discarded_times_s": t["discarded_times_s"],
                         "unpatched_times_s": base["times_s"], "unpatched_median_s": base["spread"]["median_s"],
                         "unpatched_spread": base["spread"], "unpatched_flags": base["flags"]})

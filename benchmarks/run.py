@@ -49,7 +49,7 @@ from .providers import (
     unavailable_reason,
 )
 from .shapes import GPU_SHAPES, default_shapes
-from .spread import RETRIES, mark, measure_steadily, spread, unsteady
+from .spread import RETRIES, Steadiness, mark, spread, unsteady
 from .spread import settings as spread_settings
 
 PASSES = ("fwd", "fwd+bwd")
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> Dict:
     _log(f"copy bandwidth: {copy_mib} MiB device-to-device copy on {device}")
     copies = [copy_bandwidth(device, copy_mib * 1024 * 1024, reps)]
     rows: List[Dict] = []
+    steady = Steadiness(args.retries)
     plan = [(shape, [p for p in args.passes if p in shape.passes], [p for p in providers if applies(p, shape)])
             for shape in shapes]
     total = sum(len(passes) * len(names) for _, passes, names in plan)
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> Dict:
             for provider in names:
                 _log(f"[{len(rows) + 1}/{total}] {shape.name} B={shape.batch} {pass_name} {provider}")
                 rows.append(_measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args,
-                                     copies[0]))
+                                     copies[0], steady))
     # Measured again at the end, the faster of the two is the ceiling: a copy slowed by a busy
     # moment would make every row look closer to it than it is.
     _log("copy bandwidth again, after the rows")
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> Dict:
     }
 
 
-def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args, copy) -> Dict:
+def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args, copy, steady) -> Dict:
     row = {"shape": shape.name, "method": shape.method, "batch": shape.batch, "tokens": shape.tokens,
            "channels": shape.channels, "r": shape.r, "metric": shape.metric_kind,
            "metric_shape": list(shape.metric_shape),
@@ -177,8 +178,8 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
         row["rel_err_vs_reference"] = rel_err(outputs, expected)
         if shape.method != "tome" and provider != "reference":
             row.update(method_agreement(provider, shape, inputs))
-        timed = measure_steadily(lambda: [time_fn(step, device, args.warmup, reps, args.min_seconds)],
-                                 args.retries, impossible, _log)[0]
+        timed = steady.measure(lambda: [time_fn(step, device, args.warmup, reps, args.min_seconds)], impossible,
+                               _log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
         if compiled and "first_call_s" not in row:
             _log(f"  compile failed after {time.perf_counter() - started:.1f} s")
@@ -196,7 +197,8 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
                               "the compiled step's"}
         row["compiled_graphs"] = graphs
     return {**row, "status": "ok", "times_s": timed["times_s"], "median_s": median, "spread": timed["spread"],
-            "flags": timed["flags"], "attempts": timed["attempts"], "others_cpu_share": timed["others_cpu_share"],
+            "flags": timed["flags"], "attempts": timed["attempts"], "retries_allowed": timed["retries_allowed"],
+            "others_cpu_share": timed["others_cpu_share"],
             "discarded_times_s": timed["discarded_times_s"],
             "min_bytes": min_bytes, "peak_extra_bytes": peak, "peak_error": peak_error}
 

@@ -29,15 +29,20 @@ BUSY_SHARE = 0.25
 # Times a wide row is measured again before it is flagged: each retry costs the row's whole
 # timing again, and a machine that stays busy for three tries will not be quiet on a fourth.
 RETRIES = 2
+# Rows in a row that stayed unsteady (S or L) through their retries: the machine is busy for a
+# while (another job's test suite kept one of the VM's two cores for over 10 minutes), so the
+# rows after them are measured once, and flagged, until one comes out steady; retrying them
+# all tripled the main job for nothing.
+FUTILE_STREAK = 3
 
 # Each flag a row can carry: its mark in the table and what the mark means (printed under
 # the table when a row carries it, with the thresholds the run used: ``settings()``).
 FLAGS: Dict[str, tuple] = {
     "spread": ("S", "wide spread: the interquartile range is over {wide_iqr:.0%} of the median, or the median over "
-                    "{slow_median:g}x the fastest call, after {retries} re-measurements (the machine was busy); "
-                    "the median is not a steady figure"),
+                    "{slow_median:g}x the fastest call (the machine was likely busy); the median is not a steady "
+                    "figure"),
     "busy": ("L", "other processes used over {busy_share:.0%} of the machine's CPU time while the row was timed "
-                  "(from /proc/stat), after {retries} re-measurements: its time is theirs as much as its own"),
+                  "(from /proc/stat): its time is theirs as much as its own"),
     "bandwidth": ("B", "more bandwidth than the device-to-device copy measured in this run: impossible from "
                        "memory, so the copy was slowed by something else, or the step's data stayed in a cache "
                        "(a small row on a CPU); not a memory-bound figure"),
@@ -49,7 +54,8 @@ FLAGS: Dict[str, tuple] = {
 
 def settings(retries: int) -> Dict:
     """The thresholds a run flags by, saved with its results (and read back by ``legend``)."""
-    return {"wide_iqr": WIDE_IQR, "slow_median": SLOW_MEDIAN, "busy_share": BUSY_SHARE, "retries": retries}
+    return {"wide_iqr": WIDE_IQR, "slow_median": SLOW_MEDIAN, "busy_share": BUSY_SHARE, "retries": retries,
+            "futile_streak": FUTILE_STREAK}
 
 
 def spread(times: Sequence[float]) -> Dict[str, float]:
@@ -108,6 +114,27 @@ def measure_steadily(measure: Callable[[], List[List[float]]], retries: int = RE
             for i, (times, flags) in enumerate(zip(best["cases"], best["flags"]))]
 
 
+class Steadiness:
+    """``measure_steadily`` over a run's rows, with ``retries`` for each, except after
+    FUTILE_STREAK rows in a row stayed unsteady: then none, until a row comes out steady."""
+
+    def __init__(self, retries: int = RETRIES):
+        self.retries = retries
+        self.streak = 0
+
+    def measure(self, measure: Callable[[], List[List[float]]],
+                impossible: Optional[Callable[[float], List[str]]] = None,
+                log: Optional[Callable[[str], None]] = None) -> List[Dict]:
+        retries = 0 if self.streak >= FUTILE_STREAK else self.retries
+        if log and retries < self.retries:
+            log(f"  measured once: the last {self.streak} rows stayed unsteady through their retries")
+        cases = measure_steadily(measure, retries, impossible, log)
+        self.streak = self.streak + 1 if any(unsteady(c) for c in cases) else 0
+        for c in cases:
+            c["retries_allowed"] = retries
+        return cases
+
+
 def unsteady(row: Dict) -> bool:
     """Whether a row's time is not a steady figure (widely spread, or taken beside other work):
     a ratio divided by it is flagged "baseline"."""
@@ -128,7 +155,16 @@ def mark(flags: Sequence[str]) -> str:
 
 def legend(rows: Sequence[Dict], thresholds: Optional[Dict] = None) -> List[str]:
     """One line per flag that some row of ``rows`` (each with "flags") carries, saying what it
-    means with the ``thresholds`` its run used (``settings()``; default: this module's)."""
+    means with the ``thresholds`` its run used (``settings()``; default: this module's), and
+    one on the rows measured more than once, or once for a busy machine."""
     present = {f for r in rows for f in r.get("flags", ())}
-    values = thresholds or settings(RETRIES)
-    return [f"{FLAGS[f][0]}: {FLAGS[f][1].format(**values)}." for f in FLAGS if f in present]
+    values = {**settings(RETRIES), **(thresholds or {})}
+    lines = [f"{FLAGS[f][0]}: {FLAGS[f][1].format(**values)}." for f in FLAGS if f in present]
+    again = sum(1 for r in rows if r.get("attempts", 1) > 1)
+    once = sum(1 for r in rows if r.get("retries_allowed", values["retries"]) < values["retries"])
+    if again or once:
+        lines.append(f"Measured again: {again} of {len(rows)} rows (up to {values['retries']} more times each; the "
+                     f"steadiest attempt is kept, the others are in the JSON)"
+                     + (f"; {once} measured once, after {values['futile_streak']} rows in a row had stayed S or L "
+                        "through their retries" if once else "") + ".")
+    return lines

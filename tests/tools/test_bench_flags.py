@@ -11,7 +11,7 @@ import pytest
 from benchmarks import e2e_vit, minilm, report, run, spread
 from benchmarks.providers import TRITON_PATHS, applies, provider_names
 from benchmarks.shapes import GPU_SHAPES
-from benchmarks.spread import BUSY_SHARE, RETRIES, SLOW_MEDIAN, WIDE_IQR, measure_steadily
+from benchmarks.spread import BUSY_SHARE, FUTILE_STREAK, RETRIES, SLOW_MEDIAN, WIDE_IQR, measure_steadily
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,6 +87,41 @@ def test_other_processes_taking_the_cpus_flag_a_row(monkeypatch):
     # Where the share cannot be told (no /proc/stat, a window too short), nothing is flagged.
     monkeypatch.setattr(spread, "others_cpu_share", lambda before, after: None)
     assert measure_steadily(replay(STEADY)[0])[0]["flags"] == []
+
+
+def test_a_machine_that_stays_busy_stops_the_retries_until_a_row_is_steady():
+    steady = spread.Steadiness(RETRIES)
+    for _ in range(FUTILE_STREAK):
+        measure, calls = replay(*[BUSY] * (RETRIES + 1))
+        (timed,) = steady.measure(measure)
+        assert len(calls) == RETRIES + 1 and timed["retries_allowed"] == RETRIES
+    # Measured once, and flagged: retrying would triple the run for nothing.
+    measure, calls = replay(BUSY, STEADY)
+    (timed,) = steady.measure(measure)
+    assert len(calls) == 1 and timed["flags"] == ["spread"] and timed["retries_allowed"] == 0
+    # A steady row ends the streak: the next wide row gets its retries again.
+    measure, calls = replay(STEADY)
+    assert steady.measure(measure)[0]["flags"] == [] and len(calls) == 1
+    measure, calls = replay(BUSY, STEADY)
+    (timed,) = steady.measure(measure)
+    assert len(calls) == 2 and timed["flags"] == [] and timed["retries_allowed"] == RETRIES
+    # An impossible bandwidth (a row in cache) is no sign of a busy machine: no streak from it.
+    steady = spread.Steadiness(RETRIES)
+    for _ in range(FUTILE_STREAK + 1):
+        measure, calls = replay(*[STEADY] * (RETRIES + 1))
+        steady.measure(measure, impossible=lambda median: ["bandwidth"])
+        assert len(calls) == RETRIES + 1
+
+
+def test_the_table_says_which_rows_were_measured_again():
+    rows = [{"flags": [], "attempts": 2, "retries_allowed": RETRIES},
+            {"flags": ["spread"], "attempts": 1, "retries_allowed": 0},
+            {"flags": [], "attempts": 1, "retries_allowed": RETRIES}]
+    lines = spread.legend(rows, spread.settings(RETRIES))
+    assert lines[-1] == (f"Measured again: 1 of 3 rows (up to {RETRIES} more times each; the steadiest attempt is "
+                         f"kept, the others are in the JSON); 1 measured once, after {FUTILE_STREAK} rows in a row "
+                         "had stayed S or L through their retries.")
+    assert spread.legend([{"flags": [], "attempts": 1, "retries_allowed": RETRIES}]) == []
 
 
 def test_cases_timed_together_are_measured_again_together():
