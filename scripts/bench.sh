@@ -44,7 +44,9 @@ plotted=()
 started=$SECONDS
 for name in kernels minilm e2e; do
   echo "== $name: python -m ${MODULES[$name]} ${save[*]}" >&2
+  begun=$SECONDS
   "$PYTHON" -m "${MODULES[$name]}" "${save[@]}" | tee "$log"
+  echo "== $name took $((SECONDS - begun)) s" >&2
   saved=$(sed -n 's/^saved //p' "$log" | tail -n 1)
   if [ "$name" != minilm ] && [ -n "$saved" ]; then
     plotted+=("$saved")
