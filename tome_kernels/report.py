@@ -36,7 +36,10 @@ def _backend_lines(load: bool) -> List[str]:
                 for s in available_backends().values()]
     lines = []
     for name in registered_backends():
-        if name in extension_build.KINDS:
+        if name == "cuda" and torch.version.cuda is not None and not torch.cuda.is_available():
+            # The backend does not build its extension without a device (native/backend.py).
+            state = f"unavailable: no CUDA device; extension: {extension_build.build_state(name)}"
+        elif name in extension_build.KINDS:
             state = extension_build.build_state(name)
         elif name == "reference":
             state = "available (plain PyTorch, runs anywhere)"

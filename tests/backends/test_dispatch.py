@@ -184,8 +184,24 @@ def test_native_backends_say_why_they_cannot_run_without_building():
         NativeBackend("mps")
 
 
+def test_cuda_backend_builds_nothing_without_a_device(monkeypatch):
+    """A CUDA build of torch on a machine without a GPU (PyPI's default torch on Linux): the
+    cuda extension would compile for minutes and load, and nothing could run it."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_build(kind):
+        raise AssertionError(f"tried to load or build the {kind} extension")
+
+    monkeypatch.setattr(extension_build, "load", no_build)
+    reason = NativeBackend("cuda").load_error()
+    assert reason is not None and "no CUDA device is available" in reason
+
+
 def test_cuda_backend_reports_a_torch_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch, whatever this one is
     monkeypatch.setattr(extension_build, "_failed", {})
+    # As if the cuda extension had not been loaded in this process.
+    monkeypatch.setattr(extension_build, "_loaded", {k: v for k, v in extension_build._loaded.items() if k != "cuda"})
     reason = NativeBackend("cuda").load_error()
     assert reason is not None and "CUDA" in reason

@@ -273,7 +273,8 @@ def test_cuda_fails_fast_on_a_cpu_torch(monkeypatch):
     # a CUDA build, as the README's environment has).
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(extension_build, "_failed", {})
-    monkeypatch.setattr(extension_build, "_loaded", dict(extension_build._loaded))
+    # As if the cuda extension had not been loaded in this process.
+    monkeypatch.setattr(extension_build, "_loaded", {k: v for k, v in extension_build._loaded.items() if k != "cuda"})
     reason = extension_build.status("cuda")
     assert reason and "torch.version.cuda is None" in reason
     start = time.perf_counter()
@@ -426,6 +427,12 @@ def test_cmake_builds_the_cpu_extension_and_the_cxx_library(snapshot, tmp_path):
     cuda = [] if CPU_TORCH else ["-DTOME_KERNELS_CUDA=OFF"]
     configure = _cmake("-S", str(snapshot), "-B", str(build), *generator, *cuda,
                        f"-DPython3_EXECUTABLE={sys.executable}", cwd=tmp_path)
+    output = configure.stdout + configure.stderr
+    if configure.returncode != 0 and not CPU_TORCH and "cannot find the CUDA" in output:
+        # Torch's CMake package of a CUDA build needs the CUDA runtime's headers and
+        # libraries even for CPU targets; pip's torch carries them only for itself.
+        pytest.skip(f"torch {torch.__version__} is a CUDA build and its CMake package finds no CUDA runtime "
+                    "here (a full CUDA toolkit is needed): " + output[output.index("Your installed"):][:120])
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     compiled = _cmake("--build", str(build), cwd=tmp_path)
     assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-3000:]

@@ -10,9 +10,7 @@ import torch
 import tome_kernels as tk
 from tests.helpers import cpu_backend_cases
 
-# The generator is made outside the compiled function and passed in: torch 2.11's dynamo fails
-# with an internal AssertionError (torch/_dynamo/side_effects.py) on a torch.Generator created
-# inside a compiled frame that graph-breaks, which is not what this test is about.
+# The generator is made outside the compiled function and passed in, as a model would hold it.
 METHODS = {
     "grid": lambda x, r, g, backend: tk.grid_match(x, r, (8, 6), random_dst=False, backend=backend),
     "random": lambda x, r, g, backend: tk.random_bipartite_match(x, r, generator=g, backend=backend),
@@ -23,13 +21,7 @@ METHODS = {
 @pytest.mark.parametrize("method", sorted(METHODS))
 # Triton's interpreter under inductor would take minutes; the reference is where the bug was.
 @pytest.mark.parametrize("backend", ["reference", *[case for case in cpu_backend_cases() if case.values[0] == "cpu"]])
-def test_compiled_plans_follow_a_changing_r(method, backend, request):
-    if method == "random" and backend == "cpu" and torch.__version__ < "2.13":
-        # torch 2.11's dynamo fails to rebuild the Partition named tuple at the graph break
-        # after the random draw (an AssertionError in torch/_dynamo/side_effects.py); 2.13
-        # compiles it. strict: the day it passes, the mark must go (docs/semantics.md).
-        request.applymarker(pytest.mark.xfail(raises=AssertionError, strict=True,
-                                              reason="torch < 2.13 dynamo bug with a NamedTuple at a graph break"))
+def test_compiled_plans_follow_a_changing_r(method, backend):
     make = METHODS[method]
     x = torch.randn(2, 48, 8, generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()

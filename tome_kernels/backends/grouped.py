@@ -54,7 +54,9 @@ class GroupedBackend(Backend):
     def partition(self, metric, roles, r, window) -> Partition:
         # The groups are derived once here, not again by every merge, unmerge and backward.
         plan = super().partition(metric, roles, r, window)
-        return plan._replace(groups=self._groups(plan)) if plan.r else plan
+        # A new Partition rather than plan._replace: torch 2.11's dynamo cannot rebuild a named
+        # tuple made by _replace at a graph break (an AssertionError in its side_effects.py).
+        return Partition(plan.r, plan.token_map, self._groups(plan)) if plan.r else plan
 
     def _groups(self, plan: Plan) -> Tuple[Tensor, Tensor]:
         """The plan's groups; for a plan made without them (by the reference, or a general

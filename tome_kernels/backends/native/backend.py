@@ -39,6 +39,12 @@ class NativeBackend(GroupedBackend):
             return
         from . import extension_build, ops
 
+        if self.name == "cuda" and torch.version.cuda is not None and not torch.cuda.is_available():
+            # A CUDA build of torch on a machine without a GPU (PyPI's default torch on Linux):
+            # the extension would compile (minutes, with nvcc) and load, and nothing could use it.
+            self._error = ("no CUDA device is available (torch.cuda.is_available() is False), so the cuda "
+                           "extension is not built")
+            return
         try:
             extension_build.load(self.name)
         except extension_build.ExtensionUnavailable as error:

@@ -43,7 +43,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -279,8 +279,8 @@ def build_state(kind: str) -> str:
     if reason:
         return f"cannot load: {reason}"
     csrc = source_dir()
-    build_dir = cache_root() / f"{kind}-{cache_key(kind, csrc)}"
-    if (build_dir / "complete.json").is_file():
+    _, build_dir, done = _build_folder(kind, csrc)
+    if done.is_file():
         return f"cached JIT build in {build_dir}"
     return f"not built yet: its first use compiles {csrc} into {build_dir} (minutes)"
 
@@ -307,6 +307,11 @@ def _jit_obstacle(kind: str, aot_error: Optional[str] = None) -> Optional[str]:
         where = f"{ENV_CSRC}={os.environ[ENV_CSRC]}" if os.environ.get(ENV_CSRC) else "csrc/ or tome_kernels/_csrc/"
         return (f"no ahead-of-time build of the {kind} extension is installed and there are no sources "
                 f"to build it from ({where} has no sources.txt)")
+    if _build_folder(kind, csrc)[2].is_file():
+        # A cached build loads without the compiler or ninja, so nothing here needs
+        # cpp_extension, whose import logs "No CUDA runtime is found" with a CUDA torch on a
+        # machine without a GPU: noise on every first use of the cpu backend there.
+        return None
     # For either kind: cpp_extension fixes its CUDA_HOME when first imported, which a "cpu"
     # build does first, and warns then naming the toolkit it found.
     use_real_cuda_home()
@@ -360,12 +365,18 @@ def _warn_if_stale(library: str) -> None:
                       "current sources", RuntimeWarning, stacklevel=4)
 
 
-def _jit_build(kind: str, csrc: Path) -> str:
+def _build_folder(kind: str, csrc: Path) -> Tuple[str, Path, Path]:
+    """(cache key, the JIT build's folder, its completion mark) for this source tree and
+    torch. The mark is written only after a build succeeded and loaded."""
     key = cache_key(kind, csrc)
-    name = f"tome_native_{kind}_{key}"
     build_dir = cache_root() / f"{kind}-{key}"
+    return key, build_dir, build_dir / "complete.json"
+
+
+def _jit_build(kind: str, csrc: Path) -> str:
+    key, build_dir, done = _build_folder(kind, csrc)
+    name = f"tome_native_{kind}_{key}"
     library = build_dir / f"{name}{'.pyd' if os.name == 'nt' else '.so'}"
-    done = build_dir / "complete.json"  # written only after a build succeeded and loaded
     if not done.is_file():
         build_dir.mkdir(parents=True, exist_ok=True)
         with _file_lock(build_dir / "build.lock", kind):
