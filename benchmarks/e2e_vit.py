@@ -43,7 +43,6 @@ from .measure import environment, load_average, machine, save_results, time_fn
 from .providers import unavailable_reason
 from .spread import RETRIES, Steadiness, mark, spread, unsteady
 from .spread import settings as spread_settings
-from .timm_import import import_timm
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -112,7 +111,7 @@ def _log(msg: str) -> None:
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    timm = import_timm()
+    import timm  # here, not at the top: the other benchmarks run without timm
     torch.manual_seed(seed)
     model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
     return model.eval().to(device=device, dtype=dtype)

@@ -25,8 +25,6 @@ import torch
 import tome_kernels.patch
 from tome_kernels.flops import flop_report
 
-from .timm_import import import_timm
-
 # (timm name, extra create_model arguments, image size, r values)
 DEFAULT_ROWS = [
     ("vit_small_patch16_224", {}, 224, [0, 8, 13, 16]),
@@ -61,7 +59,7 @@ def energy_gflops(report, head_dim: int, method: str, protected: int) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    timm = import_timm()
+    import timm  # here, not at the top: the module imports without timm
     rows = DEFAULT_ROWS if not args.models else [(name, {}, None, [0, 8, 16]) for name in args.models]
     print("| model | image | method | r per block | GFLOPs | vs r = 0 | merge GFLOPs (energy) | tokens removed "
           "| tokens into the last block |")

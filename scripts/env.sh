@@ -38,7 +38,11 @@ else
     # checkout's tome_kernels from any folder, and its first use JIT-builds the extensions
     # from csrc/ (cached), so an edited kernel is rebuilt rather than a stale build loaded.
     echo "env: [3/3] this checkout, editable (pip install -e ., no extension built now)" >&2
-    TOME_KERNELS_NO_BUILD=1 pip_install --no-build-isolation --no-deps -e "$ROOT"
+    # Its output only on failure: setuptools warns about every editable install.
+    if ! out=$(TOME_KERNELS_NO_BUILD=1 pip_install --no-build-isolation --no-deps -e "$ROOT" 2>&1); then
+      echo "$out" >&2
+      exit 1
+    fi
     echo "$wanted" > "$STAMP"
     echo "env: $VENV ready in $((SECONDS - start)) s" >&2
   fi

@@ -15,8 +15,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timm_import import import_timm
-
 R = 4  # tokens merged per block: 17 -> 13 -> 9 tokens at img_size 64
 IMG_SIZE = 64
 DEPTH = 2
@@ -34,7 +32,9 @@ def make_model(r, backend, dtype=torch.float32):
     import tome_kernels.patch as tome_patch
 
     torch.manual_seed(0)
-    model = import_timm().create_model(
+    import timm
+
+    model = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, depth=DEPTH, img_size=IMG_SIZE, num_classes=NUM_CLASSES,
         drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
     )
