@@ -160,11 +160,12 @@ def legend(rows: Sequence[Dict], thresholds: Optional[Dict] = None) -> List[str]
     present = {f for r in rows for f in r.get("flags", ())}
     values = {**settings(RETRIES), **(thresholds or {})}
     lines = [f"{FLAGS[f][0]}: {FLAGS[f][1].format(**values)}." for f in FLAGS if f in present]
-    again = sum(1 for r in rows if r.get("attempts", 1) > 1)
-    once = sum(1 for r in rows if r.get("retries_allowed", values["retries"]) < values["retries"])
+    timed = [r for r in rows if "attempts" in r]  # not the rows that could not run or failed
+    again = sum(1 for r in timed if r["attempts"] > 1)
+    once = sum(1 for r in timed if r.get("retries_allowed", values["retries"]) < values["retries"])
     if again or once:
-        lines.append(f"Measured again: {again} of {len(rows)} rows (up to {values['retries']} more times each; the "
-                     f"steadiest attempt is kept, the others are in the JSON)"
+        lines.append(f"Measured again: {again} of {len(timed)} timed rows (up to {values['retries']} more times "
+                     "each; the steadiest attempt is kept, the others are in the JSON)"
                      + (f"; {once} measured once, after {values['futile_streak']} rows in a row had stayed S or L "
                         "through their retries" if once else "") + ".")
     return lines

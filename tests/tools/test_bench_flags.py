@@ -116,11 +116,11 @@ def test_a_machine_that_stays_busy_stops_the_retries_until_a_row_is_steady():
 def test_the_table_says_which_rows_were_measured_again():
     rows = [{"flags": [], "attempts": 2, "retries_allowed": RETRIES},
             {"flags": ["spread"], "attempts": 1, "retries_allowed": 0},
-            {"flags": [], "attempts": 1, "retries_allowed": RETRIES}]
+            {"flags": [], "attempts": 1, "retries_allowed": RETRIES}, {"status": "unavailable"}]
     lines = spread.legend(rows, spread.settings(RETRIES))
-    assert lines[-1] == (f"Measured again: 1 of 3 rows (up to {RETRIES} more times each; the steadiest attempt is "
-                         f"kept, the others are in the JSON); 1 measured once, after {FUTILE_STREAK} rows in a row "
-                         "had stayed S or L through their retries.")
+    assert lines[-1] == (f"Measured again: 1 of 3 timed rows (up to {RETRIES} more times each; the steadiest "
+                         f"attempt is kept, the others are in the JSON); 1 measured once, after {FUTILE_STREAK} rows "
+                         "in a row had stayed S or L through their retries.")
     assert spread.legend([{"flags": [], "attempts": 1, "retries_allowed": RETRIES}]) == []
 
 
