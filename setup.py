@@ -20,10 +20,19 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Without build isolation (how this package is built) the environment's setuptools builds it,
+# and Python 3.11's venv brings 65.5, which rejects the licence expression in pyproject.toml
+# with a schema error that does not say what to do.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(f"setup.py: setuptools {setuptools.__version__} is too old: pyproject.toml's licence expression needs "
+             "setuptools 77 or newer. Run: pip install 'setuptools>=77' (a build without isolation uses the "
+             "environment's setuptools).")
 
 try:
     import torch

@@ -22,6 +22,9 @@ from .backends import available_backends
 from .backends.native import extension_build
 from .backends.registry import registered_backends
 
+SWITCHES = ("TOME_KERNELS_BACKEND", "TOME_KERNELS_NO_JIT", "TOME_KERNELS_CSRC", "TOME_KERNELS_CACHE",
+            "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
+
 
 def _version(distribution: str) -> str:
     try:
@@ -37,8 +40,9 @@ def _backend_lines(load: bool) -> List[str]:
     lines = []
     for name in registered_backends():
         if name == "cuda" and torch.version.cuda is not None and not torch.cuda.is_available():
-            # The backend does not build its extension without a device (native/backend.py).
-            state = f"unavailable: no CUDA device; extension: {extension_build.build_state(name)}"
+            # The backend does not build its extension without a device (native/backend.py);
+            # not asking build_state also keeps torch's cpp_extension (and its log line) out.
+            state = "unavailable: no CUDA device (torch.cuda.is_available() is False); its extension is not built"
         elif name in extension_build.KINDS:
             state = extension_build.build_state(name)
         elif name == "reference":
@@ -66,7 +70,10 @@ def environment_report(load: bool = False) -> str:
         lines.append(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
     lines += [
         f"triton {_version('triton')}, timm {_version('timm')}, transformers {_version('transformers')}, "
-        f"diffusers {_version('diffusers')}",
+        f"sentence-transformers {_version('sentence-transformers')}, diffusers {_version('diffusers')}, "
+        f"matplotlib {_version('matplotlib')}",
+        # The switches that change which backend runs or whether anything is compiled.
+        "environment: " + (", ".join(f"{k}={os.environ[k]}" for k in SWITCHES if k in os.environ) or "no switches set"),
         f"CPU capability (ATen): {torch.backends.cpu.get_cpu_capability()}, threads: {torch.get_num_threads()}",
         "backends (auto tries them in this order):",
         *_backend_lines(load),

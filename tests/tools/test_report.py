@@ -34,6 +34,19 @@ def test_report_names_versions_backends_and_the_cache_without_building(tmp_path)
     assert f"extension build cache: {tmp_path / 'cache'}" in text
     assert "cpu        not built yet: its first use compiles" in text
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    # The switches in force are shown: they change which backend runs.
+    assert f"environment: TOME_KERNELS_CSRC={REPOSITORY / 'csrc'}" in text
+    if torch.version.cuda is not None and not torch.cuda.is_available():
+        assert "cuda       unavailable: no CUDA device" in text
+
+
+def test_report_is_quiet_on_stderr(tmp_path):
+    """Nothing but the report: no log line from torch (cpp_extension logs one when imported
+    with a CUDA torch on a machine without a GPU)."""
+    environment = dict(os.environ, PYTHONPATH=str(REPOSITORY), TOME_KERNELS_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "tome_kernels"], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
 def test_load_reports_why_a_backend_cannot_run(tmp_path):

@@ -315,6 +315,13 @@ def _jit_obstacle(kind: str, aot_error: Optional[str] = None) -> Optional[str]:
     # For either kind: cpp_extension fixes its CUDA_HOME when first imported, which a "cpu"
     # build does first, and warns then naming the toolkit it found.
     use_real_cuda_home()
+    if kind == "cpu":
+        # Found as cpp_extension finds it (ninja on PATH), without importing cpp_extension
+        # before a build: its import logs "No CUDA runtime is found" with a CUDA torch on a
+        # machine without a GPU, noise for a status query (python -m tome_kernels).
+        if shutil.which("ninja") is None:
+            return f"building the {kind} extension needs ninja (pip install ninja), which is not installed"
+        return None
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
