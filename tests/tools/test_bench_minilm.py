@@ -1,6 +1,6 @@
 """The MiniLM benchmark saves each timing with its spread, the machine's load and the thread
-settings, and prints a table of at most 120 columns. It runs in a process of its own:
-sentence-transformers cannot import beside the torchvision stand-in that timm needs here."""
+settings, and prints a table of at most 120 columns. It runs in a process of its own, as
+the main job runs it."""
 
 import importlib.util
 import json
