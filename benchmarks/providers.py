@@ -179,8 +179,8 @@ def dynamo_graphs() -> int:
 
 
 def inductor_cache_hits() -> int:
-    """How many graphs inductor has taken from its on-disk cache in this process so far: a
-    compile that hit it takes a second, where a cold one takes minutes on a CPU."""
+    """How many graphs inductor has taken from its on-disk cache in this process so far: on the
+    2-core VM a row's compile that hit it took 0.2 - 0.3 s, a cold one 5 - 26 s."""
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_hit"]

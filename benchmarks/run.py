@@ -167,7 +167,8 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
     try:
         step = make_step(provider, shape, inputs, pass_name == "fwd+bwd")
         if compiled:
-            # Minutes on a CPU: say so, or the run looks hung.
+            # Up to half a minute a row on a 2-core CPU with a cold cache: say so, or the run
+            # looks hung.
             _log(f"  compiling reference for {shape.name} {pass_name} ...")
         outputs = step()  # the first call: compiles, if it does
         row["first_call_s"] = time.perf_counter() - started
