@@ -20,9 +20,10 @@ import tome_kernels
 
 from .backends import available_backends
 from .backends.native import extension_build
-from .backends.registry import registered_backends
+from .backends.native.backend import no_cuda_device_reason
+from .backends.registry import ENV_VAR, registered_backends
 
-SWITCHES = ("TOME_KERNELS_BACKEND", "TOME_KERNELS_NO_JIT", "TOME_KERNELS_CSRC", "TOME_KERNELS_CACHE",
+SWITCHES = (ENV_VAR, extension_build.ENV_NO_JIT, extension_build.ENV_CSRC, extension_build.ENV_CACHE,
             "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
 
 
@@ -39,10 +40,9 @@ def _backend_lines(load: bool) -> List[str]:
                 for s in available_backends().values()]
     lines = []
     for name in registered_backends():
-        if name == "cuda" and torch.version.cuda is not None and not torch.cuda.is_available():
-            # The backend does not build its extension without a device (native/backend.py);
-            # not asking build_state also keeps torch's cpp_extension (and its log line) out.
-            state = "unavailable: no CUDA device (torch.cuda.is_available() is False); its extension is not built"
+        if name == "cuda" and no_cuda_device_reason():
+            # Not asking build_state also keeps torch's cpp_extension (and its log line) out.
+            state = f"unavailable: {no_cuda_device_reason()}"
         elif name in extension_build.KINDS:
             state = extension_build.build_state(name)
         elif name == "reference":

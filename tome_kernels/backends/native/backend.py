@@ -26,6 +26,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def no_cuda_device_reason() -> Optional[str]:
+    """Why the cuda backend builds nothing here, or None. A CUDA build of torch on a machine
+    without a GPU (PyPI's default torch on Linux) would compile the extension (minutes, with
+    nvcc) and load it, and nothing could use it."""
+    if torch.version.cuda is not None and not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False), so the cuda extension is not built"
+    return None
+
+
 class NativeBackend(GroupedBackend):
     def __init__(self, device_type: str):
         if device_type not in _DTYPES:
@@ -39,11 +48,8 @@ class NativeBackend(GroupedBackend):
             return
         from . import extension_build, ops
 
-        if self.name == "cuda" and torch.version.cuda is not None and not torch.cuda.is_available():
-            # A CUDA build of torch on a machine without a GPU (PyPI's default torch on Linux):
-            # the extension would compile (minutes, with nvcc) and load, and nothing could use it.
-            self._error = ("no CUDA device is available (torch.cuda.is_available() is False), so the cuda "
-                           "extension is not built")
+        if self.name == "cuda" and no_cuda_device_reason():
+            self._error = no_cuda_device_reason()
             return
         try:
             extension_build.load(self.name)
