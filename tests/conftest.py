@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Triton's interpreter must be chosen before any @triton.jit function is defined, so that
 # the Triton backend can run on CPU tensors in CI; a GPU run sets TOME_TEST_DEVICE=cuda.
@@ -19,12 +20,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(autouse=True)
 def _isolated_backend_state(monkeypatch):
-    """Each test sees the real registry, no env override and a fresh warn-once memory."""
+    """Each test sees the real registry, no env override and a fresh warn-once memory, and
+    leaves pip unimported."""
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_warned", set())
     torch.manual_seed(0)
     yield
+    # On Python < 3.12, `import pip` switches setuptools' distutils shim off for the rest of the
+    # process: every later `import setuptools` in this worker (torch's cpp_extension, inductor's
+    # C++ builds) fails, in whichever test comes next. Name the test that did it instead (once:
+    # pip is dropped from sys.modules, though the shim stays off).
+    if "pip" in sys.modules:
+        for name in [name for name in sys.modules if name == "pip" or name.startswith("pip.")]:
+            del sys.modules[name]
+        pytest.fail("this test imported pip in the pytest process; run pip in a subprocess", pytrace=False)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ subprocesses: a process can register the ``tome_native`` operators only once, an
 loader's memory of a failure must start clean.
 """
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -361,9 +362,11 @@ def test_pip_install_into_a_fresh_environment_with_torch_there(wheel, tmp_path):
 
 
 def _pip_version():
-    import pip
-
-    return tuple(int(part) for part in pip.__version__.split(".")[:2])
+    # Read from the metadata, never `import pip`: on Python < 3.12 importing pip makes
+    # setuptools' distutils shim hand out the standard library's distutils for the rest of the
+    # process, and every later `import setuptools` in this pytest worker (torch's cpp_extension,
+    # inductor's C++ builds) then fails an assertion.
+    return tuple(int(part) for part in importlib.metadata.version("pip").split(".")[:2])
 
 
 def test_installed_build_wins(installed, tmp_path):
