@@ -64,6 +64,8 @@ class ToMeState:
             that every input token ended in; None without tracing or before any merge.
         num_input_tokens: N at the first block of the last forward pass.
         options: the matching method and its options (``MethodOptions``).
+        register_tokens: tokens right after the class token that are never merged nor merged
+            into (DINOv2's registers); their size stays 1. 0 for timm and BERT.
     """
 
     # One forward pass's bookkeeping, per thread (see the module docstring).
@@ -80,8 +82,13 @@ class ToMeState:
 
     def __init__(self, r: List[int], *, class_token: bool, distill_token: bool, prop_attn: bool,
                  trace_source: bool, backend: str, options: MethodOptions = MethodOptions(),
-                 unmerge_output: bool = False):
+                 unmerge_output: bool = False, register_tokens: int = 0):
         self.r = r
+        # Registers sit after the class token: the merge sets them aside (so the matching sees
+        # [CLS] + patches, the layout the contract protects) and puts them back in place.
+        if register_tokens and (not class_token or distill_token):
+            raise ValueError("register_tokens need a class token before them and no distillation token")
+        self.register_tokens = register_tokens
         # BERT in a SentenceTransformer: the output is unmerged back to the input tokens, so
         # that the library's own pooling over its attention mask weights each token by its size.
         self.unmerge_output = unmerge_output
@@ -104,7 +111,8 @@ class ToMeState:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        # A state saved before registers were known has none.
+        self.__dict__.update({"register_tokens": 0, **state})
         self._threads = threading.local()
 
     def save_pass(self) -> dict:
@@ -161,6 +169,36 @@ class ToMeState:
             raise RuntimeError(f"tome_kernels: block {self.block}'s attention did not hand its keys to the merge in "
                                "this pass: its attention or k_norm (key projection) no longer runs the patched "
                                "forward hook (replaced after patching?); patch the model again")
+        if self.register_tokens:
+            return self._merge_around_registers(x, keys, r)
+        return self._merge(x, keys, r)
+
+    def _merge_around_registers(self, x: Tensor, keys: Tensor, r: int) -> Tensor:
+        """``_merge`` of [CLS] + patches, the registers (rows 1 .. R) set aside and put back
+        after [CLS] with size 1; the token map is of all the rows, registers mapping to themselves."""
+        reg = self.register_tokens
+        batch = x.shape[0]
+        registers = x[:, 1:1 + reg]
+        x = torch.cat([x[:, :1], x[:, 1 + reg:]], dim=1)
+        keys = torch.cat([keys[..., :1, :], keys[..., 1 + reg:, :]], dim=-2)
+        if self.size is not None:
+            self.size = torch.cat([self.size[:, :1], self.size[:, 1 + reg:]], dim=1)
+        # _merge composes its step into token_map: start it afresh, so that the step of the
+        # rows without registers comes out, and compose the step over all rows here.
+        token_map, self.token_map = self.token_map, None
+        x = self._merge(x, keys, r)
+        if self.trace_source:
+            step = self.token_map
+            # [CLS] is row 0 before and after (protected, and nothing merges into it); the
+            # other rows move down past the registers.
+            own = torch.arange(1, 1 + reg, device=step.device).expand(batch, reg)
+            self.token_map = token_map
+            self._follow(torch.cat([step[:, :1], own, step[:, 1:] + reg], dim=1))
+        ones = torch.ones(batch, reg, 1, dtype=self.size.dtype, device=self.size.device)
+        self.size = torch.cat([self.size[:, :1], ones, self.size[:, 1:]], dim=1)
+        return torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
+
+    def _merge(self, x: Tensor, keys: Tensor, r: int) -> Tensor:
         if self.padded:
             if not self.merged:
                 # Padding may come first (left padding): the protected class token must be
@@ -198,6 +236,7 @@ class ToMeState:
     def _patch_grid(self, tokens: int) -> Tuple[int, int]:
         """The patch grid DSM's windows cut, checked against the tokens of its first merging
         block: nothing merged before it, so they must be the prefix tokens and the grid."""
+        # Registers are not counted: the merge sets them aside before matching.
         protected = int(self.class_token) + int(self.distill_token)
         grid = self.grid_size
         if grid is None or protected + grid[0] * grid[1] != tokens:
