@@ -16,6 +16,12 @@ that spreads widely or was taken beside other work is measured again, then flagg
 commit go to benchmarks/results/local/e2e_<device>_<time>.json (``--save-record``:
 benchmarks/results/).
 
+Proportional attention (``--prop-attn [ARGS]``, benchmarks/prop_attn.py): one ViT-B/16
+attention at the token counts ToMe leaves, SDPA without a mask, with the (B, 1, 1, N) log(size)
+mask, and compiled FlexAttention; its own table and JSON (prop_attn_<device>_<time>.json), run
+only on request (``bash scripts/bench.sh e2e --prop-attn``): its compiles would add minutes to
+the main job.
+
 Merge share: the first, untimed forward pass of each patched model (an extra eager one under
 --compile) records every block's merge inputs (tokens, keys, sizes, r); each block's merge is
 then re-run alone, with the same backend and timer, and the sum of the per-block medians is
@@ -103,6 +109,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"times a row whose timings spread widely is measured again before it is flagged "
                         f"(default {RETRIES})")
     report.add_output_args(p)
+    # Proportional attention's own table (benchmarks/prop_attn.py): a separate invocation, not
+    # part of the main job, since its FlexAttention compiles one kernel per token count (minutes
+    # on the 2-core CPU, cold).
+    p.add_argument("--prop-attn", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="run only the proportional-attention table (python -m benchmarks.prop_attn ARGS; "
+                        "--prop-attn --help lists them); must come last")
     return p.parse_args(argv)
 
 
@@ -380,6 +392,9 @@ def save(results: Dict, out_dir: str) -> str:
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
+    if args.prop_attn is not None:
+        from . import prop_attn
+        return prop_attn.main(args.prop_attn)
     results = run(args)
     results["command"] = " ".join(["python -m benchmarks.e2e_vit"] + (sys.argv[1:] if argv is None else list(argv)))
     results["arguments"] = vars(args)

@@ -115,10 +115,12 @@ def bias_attention(module, query, key, value, attention_mask, log_size, base, *,
     return base(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-# torch.compile(flex_attention), made on first use (no compile work at import). Static shapes:
-# torch 2.11's CPU FlexAttention template fails to compile its dynamic-shape variant (a C++
-# error, "cur_qSplitSize5 was not declared", seen here on the third token count), so each token
-# count gets its own kernel.
+# torch.compile(flex_attention), made on first use (no compile work at import), with dynamic
+# shapes from the start: one kernel serves every token count. Static shapes would compile once
+# per count, and past dynamo's recompile limit (8) a ViT-B/16 at r = 16 (12 counts) ran the
+# rest eagerly, 10-20x slower (measured: benchmarks/prop_attn.py, first CPU run); the automatic
+# switch to dynamic shapes on a later count failed to build on CPU in torch 2.11 (inductor's
+# C++ error "cur_qSplitSize5 was not declared").
 _COMPILED_FLEX = None
 
 
@@ -129,22 +131,26 @@ def _flex():
         # Inside a compiled model the outer compile traces the higher-order op itself.
         return flex_attention
     if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
     return _COMPILED_FLEX
 
 
-def flex_size_attention(query: Tensor, key: Tensor, value: Tensor, log_size: Tensor, *,
+def flex_attention_bhnd(query: Tensor, key: Tensor, value: Tensor, log_size: Tensor, *,
                         scaling: Optional[float]) -> Tensor:
-    """The flex path: FlexAttention with log_size[b, kv_idx] added to each score, the scores
-    in float32 (FlexAttention's own accumulation type). Returns (B, N, H, Dh), as transformers'
-    attention functions do."""
+    """FlexAttention with log_size[b, kv_idx] added to each score, in float32 (FlexAttention's
+    own score type); (B, H, N, Dh) as SDPA returns it (the benchmark times this)."""
     bias = log_size.to(torch.float32)
 
     def add_log_size(score, b, h, q_idx, kv_idx):
         return score + bias[b, kv_idx]
 
-    out = _flex()(query, key, value, score_mod=add_log_size, scale=scaling)
-    return out.transpose(1, 2).contiguous()
+    return _flex()(query, key, value, score_mod=add_log_size, scale=scaling)
+
+
+def flex_size_attention(query: Tensor, key: Tensor, value: Tensor, log_size: Tensor, *,
+                        scaling: Optional[float]) -> Tensor:
+    """The flex path, output (B, N, H, Dh) as transformers' attention functions return it."""
+    return flex_attention_bhnd(query, key, value, log_size, scaling=scaling).transpose(1, 2).contiguous()
 
 
 def size_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
