@@ -5,6 +5,7 @@
     tome_kernels.patch.bert(encoder, r=4)       # a Hugging Face BertModel (encoder)
     tome_kernels.patch.mean_pool(encoder, out.last_hidden_state)  # size-weighted, no padding
     tome_kernels.patch.diffusion(unet, ratio=0.5)   # diffusers BasicTransformerBlocks (tomesd)
+    tome_kernels.patch.transformers(clip, r=8)  # transformers ViT / DeiT / CLIP / SigLIP / DINOv2 vision models
     state = tome_kernels.patch.get_state(model) # sizes, source map after a forward pass
     tome_kernels.patch.remove(model)            # back to the original model
 """
@@ -17,14 +18,19 @@ from .bert import mean_pool, sentence_transformer_bert
 from .bert import patch_bert as bert
 from .diffusion import DiffusionState, NoMergeWarning
 from .diffusion import patch_diffusion as diffusion
+from .hf_vision import patch_transformers as transformers
+from .hf_vision import vision_model_of
 from .schedule import r_per_block
 from .state import ToMeState
 from .timm_vit import patch_timm as timm
 
 
 def _patched_module(model: nn.Module) -> nn.Module:
-    """The module that holds the patch: a SentenceTransformer's is its BertModel."""
+    """The module that holds the patch: a SentenceTransformer's is its BertModel; a
+    transformers vision wrapper's (CLIPModel, ViTForImageClassification, ...) its vision model."""
     inner = sentence_transformer_bert(model)
+    if inner is None:
+        inner = vision_model_of(model)
     return model if inner is None else inner
 
 
@@ -33,9 +39,10 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
-    """The state of a patched model (a SentenceTransformer's: its BertModel's). ToMe (timm,
-    bert): r per block, and after a forward pass the sizes and (with trace_source) the token
-    map of the last batch. Diffusion: the settings, and in ``last_pass`` the latent size and
+    """The state of a patched model (a SentenceTransformer's: its BertModel's; a transformers
+    wrapper's such as CLIPModel: its vision model's). ToMe (timm, bert, transformers): r per
+    block, and after a forward pass the sizes and (with trace_source) the token map of the
+    last batch. Diffusion: the settings, and in ``last_pass`` the latent size and
     each block call's merge of the last forward pass. What a pass leaves is kept per thread:
     the last pass is the one the calling thread ran.
 
@@ -64,5 +71,5 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["timm", "bert", "diffusion", "mean_pool", "get_state", "remove", "is_patched", "r_per_block", "ToMeState",
-           "NoMergeWarning"]
+__all__ = ["timm", "bert", "transformers", "diffusion", "mean_pool", "get_state", "remove", "is_patched",
+           "r_per_block", "ToMeState", "NoMergeWarning"]

@@ -20,6 +20,7 @@ How the model is changed, all of it undone by ``remove``:
 No parameter or buffer changes, so the state_dict keeps its names while patched.
 """
 
+import inspect
 import sys
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -32,6 +33,7 @@ from .hf_vision_layers import (
     NO_CHECKPOINTING,
     CLIPLayerForward,
     Dinov2LayerForward,
+    NoMaskWhileMerging,
     PatchGridRecorder,
     SizeWeightedPoolingHead,
     ViTLayerForward,
@@ -326,6 +328,9 @@ def patch_transformers(model: nn.Module, r: RSchedule, *, prop_attn: Optional[bo
     if getattr(vision, "use_head", False):
         vision.head._tome_state = state
         vision.head.__class__ = tome_subclass(type(vision.head), SizeWeightedPoolingHead)
+    forward = inspect.signature(type(vision).forward).parameters
+    vision.register_forward_pre_hook(NoMaskWhileMerging(state, [name for name in forward if name != "self"]),
+                                     with_kwargs=True)
     if options.method == "dsm":
         vision.embeddings.register_forward_pre_hook(PatchGridRecorder(state, _patch_size(vision.config)),
                                                     with_kwargs=True)
@@ -352,5 +357,6 @@ def remove_transformers(vision: nn.Module) -> None:
         head.__class__ = original_class(head)
         del head._tome_state
     remove_hooks(vision.embeddings, PatchGridRecorder)
+    remove_hooks(vision, NoMaskWhileMerging)
     vision.config._attn_implementation = vision._tome_attn_implementation
     del vision._tome_attn_implementation, vision._tome_state

@@ -8,8 +8,9 @@ Each layer forward reproduces transformers 5.x's own (``ViTLayer``, ``DeiTLayer`
 operation for operation, so that a layer whose r is 0 before any merge computes the same bits.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .prop_attention import size_attention
@@ -43,15 +44,19 @@ def tome_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     return size_attention(module, query, key, value, attention_mask, log_size, module._tome_base, **kwargs)
 
 
-def _start(layer: nn.Module, hidden_states: Tensor, attention_mask: Optional[Tensor]) -> ToMeState:
+def _start(layer: nn.Module, hidden_states: Tensor,
+           attention_mask: Optional[Tensor]) -> Tuple[ToMeState, Optional[Tensor]]:
     """What every patched layer does before its attention: layer 0 starts the pass; while any
-    layer merges, what merging breaks is refused."""
+    layer merges, what merging breaks is refused. Returns the state and the mask to attend with."""
     state: ToMeState = layer._tome_state
     if layer._tome_index == 0:
         state.begin(None, hidden_states.shape[1])
     state.block = layer._tome_index
     if state.any_merging:
-        if attention_mask is not None:
+        # Run eagerly, the model makes no mask unless given one. Compiled, it makes an all-True
+        # one anyway (transformers skips it only outside dynamo), so there a user's mask is
+        # refused by the model's pre-hook (NoMaskWhileMerging) instead.
+        if attention_mask is not None and not torch.compiler.is_compiling():
             raise ValueError(NO_MASK)
         if layer.gradient_checkpointing and layer.training:
             raise ValueError(NO_CHECKPOINTING)
@@ -60,7 +65,9 @@ def _start(layer: nn.Module, hidden_states: Tensor, attention_mask: Optional[Ten
             raise RuntimeError(f"the attention implementation of this ToMe-patched model was changed to "
                                f"{implementation!r} after patching (set_attn_implementation?), so its attention no "
                                "longer hands keys to the merge: patch the model again")
-    return state
+    # Until the first merge the layer is the model's own, mask included (bit for bit); after
+    # it, a mask over the input tokens no longer fits, and can only be the all-True one.
+    return state, None if state.merged else attention_mask
 
 
 def _merge(layer: nn.Module, state: ToMeState, hidden_states: Tensor) -> Tensor:
@@ -77,7 +84,7 @@ class ViTLayerForward:
     _tome_attention_attr = "attention"
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        state = _start(self, hidden_states, attention_mask)
+        state, attention_mask = _start(self, hidden_states, attention_mask)
         residual = hidden_states
         hidden_states = self.layernorm_before(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask, **kwargs)
@@ -99,7 +106,7 @@ class CLIPLayerForward:
     _tome_attention_attr = "self_attn"
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        state = _start(self, hidden_states, attention_mask)
+        state, attention_mask = _start(self, hidden_states, attention_mask)
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
@@ -119,7 +126,7 @@ class Dinov2LayerForward:
     _tome_attention_attr = "attention"
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        state = _start(self, hidden_states, attention_mask)
+        state, attention_mask = _start(self, hidden_states, attention_mask)
         residual = hidden_states
         hidden_states = self.norm1(hidden_states)
         hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
@@ -179,3 +186,20 @@ class PatchGridRecorder:
         height, width = pixel_values.shape[-2:]
         self.state.grid_size = (int(height) // self.patch_size[0], int(width) // self.patch_size[1])
 
+
+
+class NoMaskWhileMerging:
+    """Forward pre-hook on the vision model: refuses an attention_mask while any layer merges
+    (the layers cannot tell a user's mask from the all-True one transformers makes under
+    torch.compile). ``parameters``: the names of the model forward's positional parameters."""
+
+    def __init__(self, state: ToMeState, parameters: Sequence[str]):
+        self.state = state
+        self.position = list(parameters).index("attention_mask") if "attention_mask" in parameters else None
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
+        if mask is not None and self.state.any_merging:
+            raise ValueError(NO_MASK)
