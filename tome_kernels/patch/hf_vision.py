@@ -144,8 +144,8 @@ def _check_model(model) -> Tuple[nn.Module, _Family, List[nn.Module], str]:
                          "would change; patch its vision model instead (e.g. model.dinov2) and pool by size")
     vision = vision_model_of(model)
     if vision is None:
-        raise TypeError(f"model must be a transformers {', '.join(_SUPPORTED)} (or a BertModel / "
-                        f"SentenceTransformer, for patch.bert), got {name}")
+        raise TypeError(f"model must be a transformers vision model of a supported class ({', '.join(_SUPPORTED)}; "
+                        f"or a BertModel / SentenceTransformer, for patch.bert), got {name}")
     family = _FAMILIES[original_class(vision).__name__]
     modeling = _modeling(family.package)
     config = vision.config

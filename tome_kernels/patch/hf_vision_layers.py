@@ -24,7 +24,7 @@ ATTENTION_NAMES = {"sdpa": "tome_kernels_sdpa", "eager": "tome_kernels_eager"}
 NO_MASK = ("a ToMe-patched transformers vision model that merges takes no attention_mask: the mask is over the "
            "input tokens, and merging changes the token count")
 NO_CHECKPOINTING = ("gradient checkpointing recomputes layers in the backward pass, which would replay the merges "
-                    "on the wrong sizes; turn it off (model.gradient_checkpointing_disable()) to use ToMe")
+                    "on the wrong sizes; turn it off (model.activation_checkpointing_disable()) to use ToMe")
 
 
 def tome_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
