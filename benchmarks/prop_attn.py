@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 3 on a GPU, 1 on a CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed calls at least (default: 30 on a GPU, 10 on a CPU)")
     p.add_argument("--min-seconds", type=float, default=0.3, help="CPU: keep timing a provider until this long")
-    p.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no row after this many seconds (the first row always runs)")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's own, the machine's cores); one "
                                                "thread is less at the mercy of a neighbour on a shared 2-core machine")
     p.add_argument("--seed", type=int, default=0)
@@ -213,12 +214,22 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
                 "timer": "cuda events, L2 flushed before each call" if on_gpu else "time.perf_counter",
                 "flex_compile": "torch.compile(flex_attention, dynamic=True): one compile for every token count",
                 "choice": {kind: vars(c) for kind, c in prop_attention.CHOICES.items()}}
-    rows: List[Dict] = []
+    results = {
+        "benchmark": "prop_attn",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(device),
+        "machine": machine(load_before),
+        "settings": settings,
+        "rows": [],
+    }
+    rows: List[Dict] = results["rows"]
     steady = Steadiness(args.retries)
     with torch.inference_mode():
-        for dtype_name in dtypes:
-            for n in tokens:
-                if args.deadline_s is not None and time.monotonic() - started > args.deadline_s:
+        # N-major: under --deadline-s every dtype gets the first token count before any gets the next.
+        for n in tokens:
+            for dtype_name in dtypes:
+                # The first row always runs: a run that measured nothing says nothing.
+                if rows and args.deadline_s is not None and time.monotonic() - started > args.deadline_s:
                     rows.append({"dtype": dtype_name, "tokens": n, "status": "skipped",
                                  "reason": f"past --deadline-s {args.deadline_s:g}"})
                     continue
@@ -227,15 +238,9 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
                 row["status"] = "ok"
                 rows.append(row)
                 if on_row:
-                    on_row(row)
-    return {
-        "benchmark": "prop_attn",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **environment(device),
-        "machine": machine(load_before),
-        "settings": settings,
-        "rows": rows,
-    }
+                    on_row(results)
+    results["machine"] = machine(load_before)  # the load after the last row
+    return results
 
 
 def _cell(row: Dict, name: str, base: Optional[str] = None) -> str:
@@ -315,9 +320,15 @@ def main(argv=None) -> Dict:
     args = parse_args(argv)
     command = " ".join(["python -m benchmarks.prop_attn"] + (sys.argv[1:] if argv is None else list(argv)))
     out_dir = None if args.no_save else report.output_dir(args)
-    results = run(args)
-    results["command"] = command
-    results["arguments"] = vars(args)
+
+    def keep(results: Dict) -> None:
+        # After each row, so that a run stopped by a time limit (the GPU run's step) keeps what it
+        # measured: the same file each time (its name comes from the run's start).
+        results.update(command=command, arguments=vars(args), complete=False)
+        save(results, out_dir)
+
+    results = run(args, keep if out_dir is not None else None)
+    results.update(command=command, arguments=vars(args), complete=True)
     print(format_table(results))
     if out_dir is not None:
         print(f"saved {save(results, out_dir)}")

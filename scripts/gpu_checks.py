@@ -140,10 +140,11 @@ def steps(out: Path) -> List[Step]:
     if importlib.util.find_spec("pytest_timeout"):
         pytest_args += ["--timeout", "120"]  # a hung test fails alone instead of eating the step's budget
     return [
-        Step("prepare", 120,
+        Step("prepare", 90,
              "CUDA extension build with TORCH_CUDA_ARCH_LIST=9.0 on 16 cores: 14 s measured (2026-11-30), "
              "the CPU extension 24 s; beside it the Triton warm-up (python -m benchmarks.warm_triton --list "
-             "gives its cases) over 16 processes, ~1 s per compilation in the CPU machine's compile check",
+             "gives its 77 cases) over 16 processes, ~1 s per compilation in the CPU machine's compile check "
+             "(30 s of its former 120 s went to prop_attn: no whole run has timed this step yet)",
              [PY, "-m", "benchmarks.warm_triton", "--jobs", str(JOBS)],
              background=[PY, "-c", "from tome_kernels.backends.native import extension_build as eb; "
                                    "eb.load('cpu'); eb.load('cuda'); print('loaded', eb.loaded_from('cuda'))"]),
@@ -169,6 +170,13 @@ def steps(out: Path) -> List[Step]:
              "two ViTs (B/16 at B=256, L/16-512 at B=32), 30 timed passes per provider, timm model build; "
              "each at its own r only (--sweep with no values): the r sweep would time ViT-B/16 three times more",
              [PY, "-m", "benchmarks.e2e_vit", "--sweep", "--out", str(out)]),
+        Step("prop_attn", 30,
+             "proportional attention's implementations (benchmarks/prop_attn.py): ViT-B/16 attention at B=256, "
+             "N = 197, 101, 21, 577, in float16, bfloat16, float32; SDPA with and without the log(size) mask under "
+             "each sdpa_kernel backend, and FlexAttention, compiled once per dtype (dynamic shapes, a few seconds "
+             "each); rows not started by --deadline-s are recorded as skipped, N-major so that every dtype gets "
+             "N = 197 first; decides CHOICES['cuda'] in tome_kernels/patch/prop_attention.py",
+             [PY, "-m", "benchmarks.prop_attn", "--deadline-s", "22", "--reps", "20", "--out", str(out)]),
         Step("crash_probe", 15,
              "4 fresh processes at once (import torch, load the cached cpu extension, one small Triton "
              "launch): which condition turns a C++ argument error into a crash (docs/gpu_notes.md)",
@@ -422,7 +430,7 @@ def summarize(out: Path, plan: List[Step], facts: Dict[str, object], extra: List
         lines += ["", "Crash probe:"] + [f"- {line[:300]}" for line in probe_lines[:8]]
     body = "\n".join(lines)
     tables = {}
-    for name in ("benchmarks", "benchmarks_compiled", "e2e"):
+    for name in ("benchmarks", "benchmarks_compiled", "e2e", "prop_attn"):
         table = _tail_table(out / f"{name}.log", "device:")  # each benchmark's table starts so
         if table:
             tables[name] = table

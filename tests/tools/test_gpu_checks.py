@@ -441,3 +441,43 @@ def test_crash_probe_cases_share_one_deadline():
     assert time.monotonic() - start < 3 and verdicts == ["crashed: hung past 1 s"] * 3
     step = next(s for s in gpu_checks.steps(Path("/nonexistent")) if s.name == "crash_probe")
     assert float(step.command[step.command.index("--timeout") + 1]) <= step.budget_s - 2
+
+
+def test_prop_attn_step_stops_starting_rows_inside_its_budget():
+    """The proportional-attention step starts no row past --deadline-s, which leaves its budget
+    room for the Python start before it and the last row after it; its table is in the summary."""
+    step = next(s for s in gpu_checks.steps(Path("/nonexistent")) if s.name == "prop_attn")
+    assert step.command[1:3] == ["-m", "benchmarks.prop_attn"]
+    deadline = float(step.command[step.command.index("--deadline-s") + 1])
+    assert 0 < deadline <= step.budget_s - 5
+
+
+def test_prop_attn_benchmark_saves_rows_and_skips_past_its_deadline(tmp_path, capsys):
+    """benchmarks.prop_attn on a tiny CPU case (no FlexAttention: its compile takes tens of
+    seconds here; tests/patch/test_prop_attention.py covers that path): every row saved with
+    its raw times, and the rows after the deadline recorded as skipped, not dropped."""
+    from benchmarks import prop_attn
+
+    args = ["--device", "cpu", "--batch", "1", "--tokens", "5", "3", "--dtypes", "float32", "--providers", "sdpa",
+            "sdpa_bias", "--reps", "2", "--min-seconds", "0", "--retries", "0", "--out", str(tmp_path)]
+    results = prop_attn.main(args)
+    saved = json.loads(next(tmp_path.glob("prop_attn_cpu_*.json")).read_text())
+    assert saved["complete"] and [r["tokens"] for r in saved["rows"]] == [5, 3]
+    for row in saved["rows"]:
+        for name in ("sdpa", "sdpa_bias"):
+            p = row["providers"][name]
+            assert p["status"] == "ok" and len(p["times_s"]) >= 2 and p["max_abs_err"] >= 0
+    assert "| float32 | 5 |" in capsys.readouterr().out
+    assert results["settings"]["choice"]["cpu"]["implementation"] in ("bias", "flex")
+
+    late = prop_attn.main(args[:-2] + ["--deadline-s", "0", "--no-save"])
+    assert [r["status"] for r in late["rows"]] == ["ok", "skipped"]  # the first row starts at 0 s
+
+
+def test_summary_shows_the_prop_attn_table(tmp_path):
+    plan = gpu_checks.steps(tmp_path)
+    for s in plan:
+        s.status, s.rc, s.seconds = "passed", 0, 1.0
+    (tmp_path / "prop_attn.log").write_text("[1/12] float16 N=197\ndevice: H200 | torch 2.11\n| float16 | 197 |\n")
+    text = gpu_checks.summarize(tmp_path, plan, {"device": "H200"}, [])
+    assert "## prop_attn" in text and "| float16 | 197 |" in text
