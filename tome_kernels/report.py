@@ -22,9 +22,10 @@ from .backends import available_backends
 from .backends.native import extension_build
 from .backends.native.backend import no_cuda_device_reason
 from .backends.registry import ENV_VAR, registered_backends
+from .patch import prop_attention
 
 SWITCHES = (ENV_VAR, extension_build.ENV_NO_JIT, extension_build.ENV_CSRC, extension_build.ENV_CACHE,
-            "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
+            prop_attention.ENV_VAR, "TRITON_INTERPRET", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
 
 
 def _version(distribution: str) -> str:
