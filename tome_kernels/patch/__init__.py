@@ -6,6 +6,8 @@
     tome_kernels.patch.mean_pool(encoder, out.last_hidden_state)  # size-weighted, no padding
     tome_kernels.patch.diffusion(unet, ratio=0.5)   # diffusers BasicTransformerBlocks (tomesd)
     tome_kernels.patch.transformers(clip, r=8)  # transformers ViT / DeiT / CLIP / SigLIP / DINOv2 vision models
+    tome_kernels.patch.llava(llava, r=8)        # a LLaVA's vision tower; then shorten the prompt's image tokens:
+    inputs.update(tome_kernels.patch.fit_image_tokens(llava, inputs["input_ids"], inputs["attention_mask"]))
     state = tome_kernels.patch.get_state(model) # sizes, source map after a forward pass
     tome_kernels.patch.remove(model)            # back to the original model
 """
@@ -23,14 +25,19 @@ from .hf_vision import vision_model_of
 from .schedule import r_per_block
 from .state import ToMeState
 from .timm_vit import patch_timm as timm
+from .vlm import fit_image_tokens, image_token_count, llava_vision_tower
+from .vlm import patch_llava as llava
 
 
 def _patched_module(model: nn.Module) -> nn.Module:
     """The module that holds the patch: a SentenceTransformer's is its BertModel; a
-    transformers vision wrapper's (CLIPModel, ViTForImageClassification, ...) its vision model."""
+    transformers vision wrapper's (CLIPModel, ViTForImageClassification, ...) its vision model;
+    a LLaVA's its vision tower."""
     inner = sentence_transformer_bert(model)
     if inner is None:
         inner = vision_model_of(model)
+    if inner is None:
+        inner = llava_vision_tower(model)
     return model if inner is None else inner
 
 
@@ -72,4 +79,4 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["timm", "bert", "transformers", "diffusion", "mean_pool", "get_state", "remove", "is_patched",
-           "r_per_block", "ToMeState", "NoMergeWarning"]
+           "r_per_block", "ToMeState", "NoMergeWarning", "llava", "image_token_count", "fit_image_tokens"]
