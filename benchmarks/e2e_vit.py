@@ -1,7 +1,9 @@
-"""End-to-end throughput of timm ViTs, unpatched and with ToMe through each merge backend.
+"""End-to-end throughput of ViTs (timm's, and transformers' CLIP and DINOv2 vision encoders),
+unpatched and with ToMe through each merge backend.
 
     python -m benchmarks.e2e_vit                                   # defaults for this device
     python -m benchmarks.e2e_vit --models vit_b16_224 --batch 64 --providers unpatched reference auto
+    python -m benchmarks.e2e_vit --models clip_b16_224 dinov2_s14_reg_224 --attention bias flex
 
 For each model (random weights, eval mode, inference mode), provider and r: the median
 forward time and its spread, images per second, the speed-up over the unpatched model and
@@ -10,11 +12,16 @@ share of the forward time, the tokens left after the last block and how far the 
 from ToMe through ``reference``. Providers: ``unpatched`` (plain timm: the r = 0 point),
 ``tome_reference``, and ``tome_<backend>`` for the backend ``auto`` picks here (plus, on a
 GPU, every other fast backend that can run). Each ToMe provider runs at the model's r and
-at its sweep's (ViT-B/16: r = 4, 8, 12, 16), for the plot of images/s against r. A timing
+at its sweep's (ViT-B/16: r = 4, 8, 12, 16), for the plot of images/s against r. The
+transformers models (benchmarks/hf_models.py: CLIP ViT-B/16's vision tower, DINOv2-S/14 with
+registers; r = 16) run proportional attention by a forced implementation per row: every ToMe
+provider by SDPA with the log(size) float mask, and auto's backend also by compiled
+FlexAttention (``tome_<backend>_flex``; ``--attention`` chooses). A timing
 that spreads widely or was taken beside other work is measured again, then flagged
 (spread.py). Raw timings, the machine's load and thread settings, device, versions and
 commit go to benchmarks/results/local/e2e_<device>_<time>.json (``--save-record``:
-benchmarks/results/).
+benchmarks/results/). ``--deadline-s``: rows not started by then are recorded as skipped (the
+GPU run's steps keep what they measured).
 
 Proportional attention (``--prop-attn [ARGS]``, benchmarks/prop_attn.py): one ViT-B/16
 attention at the token counts ToMe leaves, SDPA without a mask, with the (B, 1, 1, N) log(size)
@@ -27,13 +34,16 @@ Merge share: the first, untimed forward pass of each patched model (an extra eag
 then re-run alone, with the same backend and timer, and the sum of the per-block medians is
 divided by the median forward time. On a GPU the timer flushes L2 before every call, so
 these merges run cache-cold, while inside the forward pass their inputs may still partly sit
-in L2: the share is, if anything, an overestimate.
+in L2: the share is, if anything, an overestimate. Each merge is re-run through the patch's
+own merge (``ToMeState.merge``), so what the forward pass does around the kernel (DINOv2's
+registers set aside and put back) is counted too.
 """
 
 import argparse
 import datetime
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -42,9 +52,11 @@ import torch
 import tome_kernels
 import tome_kernels.patch
 from tome_kernels.backends import select_backend
+from tome_kernels.patch import prop_attention
 from tome_kernels.reference import clamp_r
 
 from . import report
+from .hf_models import HF_MODELS, SUFFIX, forced_prop_attention
 from .measure import environment, load_average, machine, save_results, time_fn
 from .providers import unavailable_reason
 from .spread import RETRIES, Steadiness, mark, spread, unsteady
@@ -68,6 +80,28 @@ class ModelSpec:
     cpu_batch: int
     kwargs: Dict = field(default_factory=dict)
     sweep: Tuple[int, ...] = ()
+    # timm's patch has one proportional attention (the bias path): no implementation to force.
+    attentions = ()
+
+    def describe(self) -> str:
+        return f"{self.timm_name} (img_size {self.img_size})"
+
+    def row_fields(self) -> Dict:
+        return {"timm_name": self.timm_name}
+
+    def build(self, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+        import timm  # here, not at the top: the other benchmarks run without timm
+        torch.manual_seed(seed)
+        model = timm.create_model(self.timm_name, pretrained=False, **self.kwargs)
+        return model.eval().to(device=device, dtype=dtype)
+
+    @staticmethod
+    def patch(model: torch.nn.Module, r: int, backend: str) -> None:
+        tome_kernels.patch.timm(model, r, backend=backend)
+
+    @staticmethod
+    def output(output: torch.Tensor) -> torch.Tensor:
+        return output  # the logits
 
 
 # ViT-B/16 at 224: 197 tokens, 12 blocks; r = 16 is ToMe's usual setting: the last block is
@@ -80,6 +114,7 @@ class ModelSpec:
 MODELS: Dict[str, ModelSpec] = {
     "vit_b16_224": ModelSpec("vit_base_patch16_224", 224, r=16, gpu_batch=256, cpu_batch=4, sweep=(4, 8, 12)),
     "vit_l16_512": ModelSpec("vit_large_patch16_384", 512, r=40, gpu_batch=32, cpu_batch=1, kwargs={"img_size": 512}),
+    **HF_MODELS,
 }
 
 
@@ -103,6 +138,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge-reps", type=int, default=None,
                    help="timed calls of each block's merge (default: max(reps, 5))")
     p.add_argument("--min-seconds", type=float, default=0.5, help="CPU: keep sampling forward passes until this long")
+    p.add_argument("--attention", nargs="+", choices=list(SUFFIX), default=list(SUFFIX),
+                   help="transformers models: the proportional-attention implementations forced in their ToMe rows: "
+                        "bias (SDPA with the log(size) float mask) for every provider, flex (compiled "
+                        "FlexAttention) for auto's backend (default: both)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no row after this many seconds; the rest are recorded as skipped")
     p.add_argument("--compile", action="store_true", help="time each provider's model under torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retries", type=int, default=RETRIES,
@@ -123,10 +164,7 @@ def _log(msg: str) -> None:
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    import timm  # here, not at the top: the other benchmarks run without timm
-    torch.manual_seed(seed)
-    model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
-    return model.eval().to(device=device, dtype=dtype)
+    return spec.build(device, dtype, seed)
 
 
 def expected_tokens(num_tokens: int, r_per_block: List[int], protected: int) -> int:
@@ -172,7 +210,7 @@ def record_merges(model: torch.nn.Module, images: torch.Tensor):
     merge = state.merge
 
     def recording_merge(x, r):
-        calls.append({"x": x, "keys": state.keys, "size": state.size, "r": r})
+        calls.append({"x": x, "keys": state.keys, "size": state.size, "r": r, "block": state.block})
         return merge(x, r)
 
     state.merge = recording_merge
@@ -184,57 +222,72 @@ def record_merges(model: torch.nn.Module, images: torch.Tensor):
 
 
 def time_merges(calls: List[Dict], state, backend: str, device, warmup: int, reps: int) -> List[List[float]]:
-    """Seconds per call of each recorded block's merge, re-run alone with ``backend``."""
-    flags = dict(class_token=state.class_token, distill_token=state.distill_token, backend=backend)
+    """Seconds per call of each recorded block's merge, re-run alone with ``backend`` through
+    the state's own merge, as the block runs it; the state's last pass is put back after."""
+    saved, own_backend = state.save_pass(), state.backend
+    state.backend = backend
     per_block = []
-    for c in calls:
-        def step(c=c):
-            return tome_kernels.bipartite_merge(c["x"], c["keys"], c["r"], c["size"], **flags)
+    try:
+        for c in calls:
+            def step(c=c):
+                state.size, state.keys, state.block = c["size"], c["keys"], c["block"]
+                return state.merge(c["x"], c["r"])
 
-        per_block.append(time_fn(step, device, warmup, reps, 0.0))
+            per_block.append(time_fn(step, device, warmup, reps, 0.0))
+    finally:
+        state.backend = own_backend
+        state.restore_pass(saved)
     return per_block
 
 
 def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: int, device, args, settings,
              steady: Steadiness) -> Dict:
     batch = images.shape[0]
-    row = {"model": spec_name, "timm_name": spec.timm_name, "img_size": spec.img_size, "batch": batch,
+    row = {"model": spec_name, **spec.row_fields(), "img_size": spec.img_size, "batch": batch,
            "provider": provider["name"], "backend": provider["backend"], "auto": provider["auto"],
            "r": 0 if provider["backend"] is None else r}
+    if "prop_attn" in provider:
+        row["prop_attn"] = provider["prop_attn"]
     if provider.get("reason"):
         return {**row, "status": "unavailable", "reason": provider["reason"]}
     tome = provider["backend"] is not None
     try:
-        if tome:
-            tome_kernels.patch.timm(model, r, backend=provider["backend"])
-        else:
-            tome_kernels.patch.remove(model)
-        if args.compile:
-            torch._dynamo.reset()  # each provider is its own model to dynamo: no recompile limits
-        runner = torch.compile(model) if args.compile else model
-        calls = None
-        if tome and not args.compile:
-            # The checking pass (logits, tokens) records the merges too, and warms up.
-            output, calls = record_merges(model, images)
-        else:
-            output = runner(images)  # the checking pass: compiles if it does, warms up
-        logits = output.float().cpu()
-        if tome:
-            state = tome_kernels.patch.get_state(model)
-            if calls is None:  # under torch.compile: record eagerly, the merges are timed alone anyway
-                calls = record_merges(model, images)[1]
-            protected = int(state.class_token) + int(state.distill_token)
-            row.update(r_per_block=list(state.r), tokens_per_block=[c["x"].shape[1] for c in calls],
-                       tokens_in=state.num_input_tokens,
-                       tokens_last_block=state.num_input_tokens if state.size is None else state.size.shape[1],
-                       tokens_expected=expected_tokens(state.num_input_tokens, state.r, protected))
-            per_block = time_merges(calls, state, provider["backend"], device, settings["warmup"] + 1,
-                                    settings["merge_reps"])
-            del calls  # on a GPU, every block's inputs: give the memory back before timing
-            row.update(merge_times_s=per_block, merge_s=sum(statistics.median(t) for t in per_block))
-        timed = steady.measure(
-            lambda: [time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"], args.min_seconds)],
-            log=_log)[0]
+        with forced_prop_attention(provider.get("prop_attn")):
+            if tome:
+                spec.patch(model, r, provider["backend"])
+            else:
+                tome_kernels.patch.remove(model)
+            if args.compile:
+                torch._dynamo.reset()  # each provider is its own model to dynamo: no recompile limits
+            runner = torch.compile(model) if args.compile else model
+            calls = None
+            start = time.perf_counter()
+            if tome and not args.compile:
+                # The checking pass (logits, tokens) records the merges too, and warms up.
+                output, calls = record_merges(model, images)
+            else:
+                output = runner(images)  # the checking pass: compiles if it does, warms up
+            logits = spec.output(output).float().cpu()  # .cpu() waits for the device: the pass is over
+            row["first_pass_s"] = time.perf_counter() - start  # with any compile (FlexAttention's, --compile's)
+            if tome:
+                state = tome_kernels.patch.get_state(model)
+                if calls is None:  # under torch.compile: record eagerly, the merges are timed alone anyway
+                    calls = record_merges(model, images)[1]
+                protected = int(state.class_token) + int(state.distill_token)
+                registers = state.register_tokens  # never merged: the clamps count the other tokens
+                row.update(r_per_block=list(state.r), tokens_per_block=[c["x"].shape[1] for c in calls],
+                           tokens_in=state.num_input_tokens,
+                           tokens_last_block=state.num_input_tokens if state.size is None else state.size.shape[1],
+                           tokens_expected=registers + expected_tokens(state.num_input_tokens - registers, state.r,
+                                                                       protected))
+                per_block = time_merges(calls, state, provider["backend"], device, settings["warmup"] + 1,
+                                        settings["merge_reps"])
+                del calls  # on a GPU, every block's inputs: give the memory back before timing
+                row.update(merge_times_s=per_block, merge_s=sum(statistics.median(t) for t in per_block))
+            timed = steady.measure(
+                lambda: [time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"],
+                                 args.min_seconds)],
+                log=_log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
     median = timed["spread"]["median_s"]
@@ -282,7 +335,32 @@ def r_values(spec: ModelSpec, args: argparse.Namespace) -> List[int]:
     return sorted({r, *sweep} - {0})
 
 
+def plan_runs(spec: ModelSpec, providers: List[Dict], args: argparse.Namespace) -> List[Tuple[Dict, int]]:
+    """A model's rows in the order they run, as (provider, r): the unpatched model once (r = 0),
+    then each r with every ToMe provider; a transformers model's ToMe providers once per
+    proportional-attention implementation in ``--attention`` (flex for auto's backend only: one
+    FlexAttention row shows its cost, and each takes a compile), the implementation in the
+    provider's "prop_attn"."""
+    tome = []
+    for p in providers:
+        if p["backend"] is None:
+            continue
+        if not spec.attentions:
+            tome.append(p)
+            continue
+        tome += [{**p, "name": p["name"] + SUFFIX[a], "prop_attn": a} for a in spec.attentions
+                 if a in args.attention and (a == "bias" or p["auto"])]
+    return [(p, 0) for p in providers if p["backend"] is None] + [(p, r) for r in r_values(spec, args) for p in tome]
+
+
+def _skipped(name: str, spec: ModelSpec, batch: int, provider: Dict, r: int, args: argparse.Namespace) -> Dict:
+    return {"model": name, **spec.row_fields(), "img_size": spec.img_size, "batch": batch, "provider": provider["name"],
+            "backend": provider["backend"], "auto": provider["auto"], "r": r if provider["backend"] else 0,
+            "status": "skipped", "reason": f"not started: past --deadline-s {args.deadline_s:g}"}
+
+
 def run(args: argparse.Namespace) -> Dict:
+    started = time.monotonic()
     load_before = load_average()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -295,7 +373,10 @@ def run(args: argparse.Namespace) -> Dict:
                 "compile": args.compile, "seed": args.seed,
                 "timer": "cuda events, L2 flushed before each call" if on_gpu else "time.perf_counter",
                 "merge_timing": "each block's merge re-run alone on the inputs recorded in one eager forward pass; "
-                                "share = sum of per-block medians / median forward time"}
+                                "share = sum of per-block medians / median forward time",
+                # What the transformers models' unforced proportional attention would run here.
+                "prop_attn_choice": {"device": device.type, "implementation": prop_attention.choose(device)},
+                "deadline_s": args.deadline_s}
     names = args.models or list(MODELS)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -303,19 +384,26 @@ def run(args: argparse.Namespace) -> Dict:
     providers = _resolve_providers(args.providers, device, dtype)
     rows: List[Dict] = []
     steady = Steadiness(args.retries)
+    def late() -> bool:
+        return args.deadline_s is not None and time.monotonic() - started > args.deadline_s
+
     with torch.inference_mode():
         for name in names:
             spec = MODELS[name]
+            runs = plan_runs(spec, providers, args)
             batch = args.batch or (spec.gpu_batch if on_gpu or args.full_size else spec.cpu_batch)
-            _log(f"{name}: building {spec.timm_name} (img_size {spec.img_size}, random weights) in {settings['dtype']}")
+            if late():  # not even the model is built
+                rows += [_skipped(name, spec, batch, p, r, args) for p, r in runs]
+                continue
+            _log(f"{name}: building {spec.describe()}, random weights, in {settings['dtype']}")
             model = build_model(spec, device, dtype, args.seed)
             g = torch.Generator(device="cpu").manual_seed(args.seed)
             images = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g).to(device, dtype)
-            # The unpatched model once (r = 0), then each r with every ToMe provider.
-            runs = [(p, 0) for p in providers if p["backend"] is None]
-            runs += [(p, r) for r in r_values(spec, args) for p in providers if p["backend"] is not None]
             group = []
             for i, (provider, r) in enumerate(runs):
+                if late():
+                    group.append(_skipped(name, spec, batch, provider, r, args))
+                    continue
                 _log(f"[{i + 1}/{len(runs)}] {name} B={batch} {provider['name']} r={r}")
                 group.append(_measure(name, spec, model, images, provider, r, device, args, settings, steady))
             _add_comparisons(group)
@@ -378,6 +466,11 @@ def format_table(results: Dict) -> str:
                  "quartiles, max in the JSON); vs ref: speed-up over tome_reference at the same r; merge ms: the "
                  "merges re-run alone, summed over the blocks (their share of the forward time); tokens: left "
                  "after the last block; logit diff: largest absolute difference from tome_reference's logits."]
+    if any("prop_attn" in r for r in results["rows"]):
+        explained.append("transformers models: the pooled output stands for the logits; their ToMe rows run "
+                         "proportional attention by SDPA with the log(size) float mask, those ending _flex by "
+                         "compiled FlexAttention (its compile in first_pass_s in the JSON), compared with "
+                         "tome_reference's SDPA-mask row.")
     table = report.table(HEADER, "lrlrrrrrrrrrl", body)
     return "\n".join(head + [""] + table + report.notes(results, errors, _label, explained))
 
