@@ -339,17 +339,12 @@ def plan_runs(spec: ModelSpec, providers: List[Dict], args: argparse.Namespace) 
     """A model's rows in the order they run, as (provider, r): the unpatched model once (r = 0),
     then each r with every ToMe provider; a transformers model's ToMe providers once per
     proportional-attention implementation in ``--attention`` (flex for auto's backend only: one
-    FlexAttention row shows its cost, and each takes a compile), the implementation in the
-    provider's "prop_attn"."""
-    tome = []
-    for p in providers:
-        if p["backend"] is None:
-            continue
-        if not spec.attentions:
-            tome.append(p)
-            continue
-        tome += [{**p, "name": p["name"] + SUFFIX[a], "prop_attn": a} for a in spec.attentions
-                 if a in args.attention and (a == "bias" or p["auto"])]
+    FlexAttention row shows its cost, and each takes a compile; last, so that a deadline takes
+    it before the cheap rows), the implementation in the provider's "prop_attn"."""
+    tome = [p for p in providers if p["backend"] is not None]
+    if spec.attentions:
+        tome = [{**p, "name": p["name"] + SUFFIX[a], "prop_attn": a} for a in spec.attentions if a in args.attention
+                for p in tome if a == "bias" or p["auto"]]
     return [(p, 0) for p in providers if p["backend"] is None] + [(p, r) for r in r_values(spec, args) for p in tome]
 
 
