@@ -100,6 +100,7 @@ CPU_ONLY = [
     "tests/tools/test_bench_flags.py",
     "tests/tools/test_bench_minilm.py",
     "tests/tools/test_bench_plot.py",
+    "tests/tools/test_e2e_hf_benchmark.py",
     "tests/tools/test_flops.py",
     "tests/tools/test_gpu_checks.py",
     "tests/tools/test_lint.py",
@@ -140,11 +141,11 @@ def steps(out: Path) -> List[Step]:
     if importlib.util.find_spec("pytest_timeout"):
         pytest_args += ["--timeout", "120"]  # a hung test fails alone instead of eating the step's budget
     return [
-        Step("prepare", 90,
+        Step("prepare", 75,
              "CUDA extension build with TORCH_CUDA_ARCH_LIST=9.0 on 16 cores: 14 s measured (2026-11-30), "
              "the CPU extension 24 s; beside it the Triton warm-up (python -m benchmarks.warm_triton --list "
              "gives its 77 cases) over 16 processes, ~1 s per compilation in the CPU machine's compile check "
-             "(30 s of its former 120 s went to prop_attn: no whole run has timed this step yet)",
+             "(of its former 120 s, 30 went to prop_attn and 15 to e2e_hf: no whole run has timed this step yet)",
              [PY, "-m", "benchmarks.warm_triton", "--jobs", str(JOBS)],
              background=[PY, "-c", "from tome_kernels.backends.native import extension_build as eb; "
                                    "eb.load('cpu'); eb.load('cuda'); print('loaded', eb.loaded_from('cuda'))"]),
@@ -158,9 +159,10 @@ def steps(out: Path) -> List[Step]:
              ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
               PY, "-m", "tests.backends.sanitize_case"],
              env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-        Step("benchmarks", 65,
+        Step("benchmarks", 55,
              "12 shapes, 5 providers, 1-2 passes: about 90 rows of 100 timed calls at 0.01-5 ms, "
-             "plus each row's check against the reference and its peak memory",
+             "plus each row's check against the reference and its peak memory (10 s of its former 65 s went "
+             "to e2e_hf: no whole run has timed this step yet)",
              [PY, "-m", "benchmarks.run", "--providers", *BENCH_PROVIDERS, "--out", str(out)]),
         Step("benchmarks_compiled", 40,
              "the reference under torch.compile: one inductor compile per row (5 rows), ~5 s each on 16 cores",
@@ -169,7 +171,7 @@ def steps(out: Path) -> List[Step]:
         Step("e2e", 35,
              "two ViTs (B/16 at B=256, L/16-512 at B=32), 30 timed passes per provider, timm model build; "
              "each at its own r only (--sweep with no values): the r sweep would time ViT-B/16 three times more",
-             [PY, "-m", "benchmarks.e2e_vit", "--sweep", "--out", str(out)]),
+             [PY, "-m", "benchmarks.e2e_vit", "--models", *E2E_TIMM, "--sweep", "--out", str(out)]),
         Step("prop_attn", 30,
              "proportional attention's implementations (benchmarks/prop_attn.py): ViT-B/16 attention at B=256, "
              "N = 197, 101, 21, 577, in float16, bfloat16, float32; SDPA with and without the log(size) mask under "
@@ -177,6 +179,13 @@ def steps(out: Path) -> List[Step]:
              "each); rows not started by --deadline-s are recorded as skipped, N-major so that every dtype gets "
              "N = 197 first; decides CHOICES['cuda'] in tome_kernels/patch/prop_attention.py",
              [PY, "-m", "benchmarks.prop_attn", "--deadline-s", "22", "--reps", "20", "--out", str(out)]),
+        Step("e2e_hf", 25,
+             "transformers CLIP ViT-B/16 vision tower and DINOv2-S/14 with registers at B=256, r = 16: unpatched, "
+             "tome_reference, each fast backend, and auto's with compiled FlexAttention (last of each model); "
+             "estimated, not yet timed on a GPU: transformers import and builds on the GPU ~5 s, ~1 s per row, "
+             "one FlexAttention compile (after prop_attn's, which may have cached its kernel; cold, ~10 s); rows "
+             "not started by --deadline-s are recorded as skipped",
+             [PY, "-m", "benchmarks.e2e_vit", "--models", *E2E_HF, "--deadline-s", "18", "--out", str(out)]),
         Step("crash_probe", 15,
              "4 fresh processes at once (import torch, load the cached cpu extension, one small Triton "
              "launch): which condition turns a C++ argument error into a crash (docs/gpu_notes.md)",
@@ -191,6 +200,11 @@ def steps(out: Path) -> List[Step]:
 # ViT-L and a diffusion row).
 BENCH_PROVIDERS = ["triton", "triton_one_pass", "triton_multi_kernel", "cuda", "reference"]
 COMPILED_SHAPES = ["vit_b16_224", "vit_l16_512", "diffusion"]
+# benchmarks.e2e_vit's models, by library: the transformers ones in a step of their own, so that
+# a transformers problem on the GPU image (it has another version than requirements/) costs the
+# timm rows nothing.
+E2E_TIMM = ["vit_b16_224", "vit_l16_512"]
+E2E_HF = ["clip_b16_224", "dinov2_s14_reg_224"]
 
 # The environment facts: version commands, and one Python that imports torch and triton (a
 # few seconds warm; a cold disk on a fresh machine can take several times that). They run
@@ -430,7 +444,7 @@ def summarize(out: Path, plan: List[Step], facts: Dict[str, object], extra: List
         lines += ["", "Crash probe:"] + [f"- {line[:300]}" for line in probe_lines[:8]]
     body = "\n".join(lines)
     tables = {}
-    for name in ("benchmarks", "benchmarks_compiled", "e2e", "prop_attn"):
+    for name in ("benchmarks", "benchmarks_compiled", "e2e", "prop_attn", "e2e_hf"):
         table = _tail_table(out / f"{name}.log", "device:")  # each benchmark's table starts so
         if table:
             tables[name] = table

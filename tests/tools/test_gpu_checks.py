@@ -481,3 +481,33 @@ def test_summary_shows_the_prop_attn_table(tmp_path):
     (tmp_path / "prop_attn.log").write_text("[1/12] float16 N=197\ndevice: H200 | torch 2.11\n| float16 | 197 |\n")
     text = gpu_checks.summarize(tmp_path, plan, {"device": "H200"}, [])
     assert "## prop_attn" in text and "| float16 | 197 |" in text
+
+
+def test_e2e_steps_split_the_models_by_library():
+    """The timm ViTs and the transformers encoders each run in a step of their own, together every
+    model of benchmarks.e2e_vit once; the transformers step starts no row past its deadline."""
+    from benchmarks import e2e_vit
+
+    plan = {s.name: s for s in gpu_checks.steps(Path("/nonexistent"))}
+
+    def models(step):
+        args = step.command[step.command.index("--models") + 1:]
+        return args[:next((i for i, a in enumerate(args) if a.startswith("--")), len(args))]
+
+    timm, hf = models(plan["e2e"]), models(plan["e2e_hf"])
+    assert sorted(timm + hf) == sorted(e2e_vit.MODELS)
+    assert all(hasattr(e2e_vit.MODELS[m], "timm_name") for m in timm)
+    assert all(hasattr(e2e_vit.MODELS[m], "hf_class") for m in hf)
+    step = plan["e2e_hf"]
+    assert step.command[1:3] == ["-m", "benchmarks.e2e_vit"]
+    deadline = float(step.command[step.command.index("--deadline-s") + 1])
+    assert 0 < deadline <= step.budget_s - 5
+
+
+def test_summary_shows_the_e2e_hf_table(tmp_path):
+    plan = gpu_checks.steps(tmp_path)
+    for s in plan:
+        s.status, s.rc, s.seconds = "passed", 0, 1.0
+    (tmp_path / "e2e_hf.log").write_text("[1/9] clip_b16_224\ndevice: H200 | torch 2.11\n| clip_b16_224 | 256 |\n")
+    text = gpu_checks.summarize(tmp_path, plan, {"device": "H200"}, [])
+    assert "## e2e_hf" in text and "| clip_b16_224 | 256 |" in text
