@@ -343,6 +343,9 @@ def _pad_rows(model: nn.Module, given: Dict[str, Tensor], keep: Tensor, lengths:
         if pad_token_id is None:
             raise ValueError(f"pad_token_id must be given: {why}, and the text config has none")
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    # The processor's padding goes too: each row is padded afresh to the new longest row.
+    keep = keep & (given["attention_mask"] != 0)
+    lengths = keep.sum(dim=1).tolist()
     longest = max(lengths)
     out = {}
     for name, value in given.items():
