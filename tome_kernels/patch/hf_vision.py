@@ -300,6 +300,12 @@ def patch_transformers(model: nn.Module, r: RSchedule, *, prop_attn: Optional[bo
         return patch_bert(model, r, method=method, preset=preset, margin=margin, alpha=alpha,
                           energy_form=energy_form, split=split, prop_attn=prop_attn, backend=backend,
                           trace_source=trace_source)
+    from .vlm import llava_model_of, patch_llava  # a LLaVA: its vision tower, and its feature selection checked
+
+    if llava_model_of(model) is not None:
+        return patch_llava(model, r, prop_attn=prop_attn, trace_source=trace_source, method=method, backend=backend,
+                           preset=preset, margin=margin, alpha=alpha, energy_form=energy_form, split=split,
+                           delay=delay, window=window)
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     vision, family, layers, base = _check_model(model)
     options = check_method(method, ("tome", "pitome", "dsm"), len(layers), "authors_vit", preset=preset,
