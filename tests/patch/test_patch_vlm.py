@@ -363,3 +363,20 @@ def test_bad_count_and_fit_arguments():
     two, two_mask = prompt(images_per_row=(2, 1))
     with pytest.raises(ValueError, match="attention_mask is needed"):
         fit(model, two, padding_side="right")
+
+
+def test_patch_transformers_takes_a_llava():
+    """patch.transformers(llava, r) is patch.llava: the same checks (several feature layers
+    refused while merging), the tower patched, the merged count fed to the language model."""
+    model = make(layer=[-2, -1])
+    with pytest.raises(ValueError, match="several vision_feature_layer"):
+        tome_patch.transformers(model, 5)
+    assert not tome_patch.is_patched(model)
+    model = make()
+    assert tome_patch.transformers(model.model, 5, method="pitome") is model.model
+    assert tome_patch.is_patched(model) and tome_patch.get_state(model).options.method == "pitome"
+    ids, mask = prompt()
+    fitted = tome_patch.fit_image_tokens(model, ids, mask)
+    assert (fitted["input_ids"] == IMAGE_ID).sum().item() == 2 * tome_patch.image_token_count(model) < 2 * GRID
+    out = logits(model, fitted["input_ids"], fitted["attention_mask"], pixels())
+    assert out.shape[1] == fitted["input_ids"].shape[1]
