@@ -474,13 +474,14 @@ def test_prop_attn_benchmark_saves_rows_and_skips_past_its_deadline(tmp_path, ca
     assert [r["status"] for r in late["rows"]] == ["ok", "skipped"]  # the first row starts at 0 s
 
 
-def test_summary_shows_the_prop_attn_table(tmp_path):
+@pytest.mark.parametrize("step, row", [("prop_attn", "| float16 | 197 |"), ("e2e_hf", "| clip_b16_224 | 256 |")])
+def test_summary_shows_the_newer_benchmark_tables(tmp_path, step, row):
     plan = gpu_checks.steps(tmp_path)
     for s in plan:
         s.status, s.rc, s.seconds = "passed", 0, 1.0
-    (tmp_path / "prop_attn.log").write_text("[1/12] float16 N=197\ndevice: H200 | torch 2.11\n| float16 | 197 |\n")
+    (tmp_path / f"{step}.log").write_text(f"[1/12] progress\ndevice: H200 | torch 2.11\n{row}\n")
     text = gpu_checks.summarize(tmp_path, plan, {"device": "H200"}, [])
-    assert "## prop_attn" in text and "| float16 | 197 |" in text
+    assert f"## {step}" in text and row in text
 
 
 def test_e2e_steps_split_the_models_by_library():
@@ -502,12 +503,3 @@ def test_e2e_steps_split_the_models_by_library():
     assert step.command[1:3] == ["-m", "benchmarks.e2e_vit"]
     deadline = float(step.command[step.command.index("--deadline-s") + 1])
     assert 0 < deadline <= step.budget_s - 5
-
-
-def test_summary_shows_the_e2e_hf_table(tmp_path):
-    plan = gpu_checks.steps(tmp_path)
-    for s in plan:
-        s.status, s.rc, s.seconds = "passed", 0, 1.0
-    (tmp_path / "e2e_hf.log").write_text("[1/9] clip_b16_224\ndevice: H200 | torch 2.11\n| clip_b16_224 | 256 |\n")
-    text = gpu_checks.summarize(tmp_path, plan, {"device": "H200"}, [])
-    assert "## e2e_hf" in text and "| clip_b16_224 | 256 |" in text
