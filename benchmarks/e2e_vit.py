@@ -13,7 +13,7 @@ from ToMe through ``reference``. Providers: ``unpatched`` (plain timm: the r = 0
 ``tome_reference``, and ``tome_<backend>`` for the backend ``auto`` picks here (plus, on a
 GPU, every other fast backend that can run). Each ToMe provider runs at the model's r and
 at its sweep's (ViT-B/16: r = 4, 8, 12, 16), for the plot of images/s against r. The
-transformers models (benchmarks/hf_models.py: CLIP ViT-B/16's vision tower, DINOv2-S/14 with
+transformers models (benchmarks/e2e_models.py: CLIP ViT-B/16's vision tower, DINOv2-S/14 with
 registers; r = 16) run proportional attention by a forced implementation per row: every ToMe
 provider by SDPA with the log(size) float mask, and auto's backend also by compiled
 FlexAttention (``tome_<backend>_flex``; ``--attention`` chooses). A timing
@@ -44,7 +44,6 @@ import datetime
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -56,7 +55,7 @@ from tome_kernels.patch import prop_attention
 from tome_kernels.reference import clamp_r
 
 from . import report
-from .hf_models import HF_MODELS, SUFFIX, forced_prop_attention
+from .e2e_models import MODELS, SUFFIX, ModelSpec, forced_prop_attention
 from .measure import environment, load_average, machine, save_results, time_fn
 from .providers import unavailable_reason
 from .spread import RETRIES, Steadiness, mark, spread, unsteady
@@ -65,57 +64,6 @@ from .spread import settings as spread_settings
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A timm model with random weights, its input resolution, r and batch sizes.
-
-    ``r`` is the default per block; every block clamps it to what its token count allows.
-    ``sweep``: the other r values timed, for the plot of throughput against r.
-    """
-
-    timm_name: str
-    img_size: int
-    r: int
-    gpu_batch: int
-    cpu_batch: int
-    kwargs: Dict = field(default_factory=dict)
-    sweep: Tuple[int, ...] = ()
-    # timm's patch has one proportional attention (the bias path): no implementation to force.
-    attentions = ()
-
-    def describe(self) -> str:
-        return f"{self.timm_name} (img_size {self.img_size})"
-
-    def row_fields(self) -> Dict:
-        return {"timm_name": self.timm_name}
-
-    def build(self, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-        import timm  # here, not at the top: the other benchmarks run without timm
-        torch.manual_seed(seed)
-        model = timm.create_model(self.timm_name, pretrained=False, **self.kwargs)
-        return model.eval().to(device=device, dtype=dtype)
-
-    @staticmethod
-    def patch(model: torch.nn.Module, r: int, backend: str) -> None:
-        tome_kernels.patch.timm(model, r, backend=backend)
-
-    @staticmethod
-    def output(output: torch.Tensor) -> torch.Tensor:
-        return output  # the logits
-
-
-# ViT-B/16 at 224: 197 tokens, 12 blocks; r = 16 is ToMe's usual setting: the last block is
-# clamped to (21 - 1) // 2 = 10 and 11 tokens remain. ViT-L/16 at 512 (timm's 384 model built
-# at 512, 1025 tokens, 24 blocks): r = 40 merges 960 tokens without any clamp (the last block
-# has 105 tokens, (105 - 1) // 2 = 52 >= 40) and 65 remain; it is also benchmarks.run's shape.
-# ViT-B/16 is also timed at r = 4, 8 and 12 (197 tokens down to 149, 101, 53 after 12 blocks),
-# each as long as a few seconds on a 2-core CPU at batch 4; ViT-L/16 only at its r, its
-# forward pass being 5x as long.
-MODELS: Dict[str, ModelSpec] = {
-    "vit_b16_224": ModelSpec("vit_base_patch16_224", 224, r=16, gpu_batch=256, cpu_batch=4, sweep=(4, 8, 12)),
-    "vit_l16_512": ModelSpec("vit_large_patch16_384", 512, r=40, gpu_batch=32, cpu_batch=1, kwargs={"img_size": 512}),
-    **HF_MODELS,
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

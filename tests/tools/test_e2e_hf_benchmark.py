@@ -10,7 +10,7 @@ import torch
 
 import tome_kernels.patch
 from benchmarks import e2e_vit
-from benchmarks.hf_models import HF_MODELS, HFModelSpec, forced_prop_attention
+from benchmarks.e2e_models import HF_MODELS, HFModelSpec, forced_prop_attention
 from benchmarks.report import MAX_WIDTH
 from tome_kernels.backends import select_backend
 from tome_kernels.patch import prop_attention

@@ -1,6 +1,6 @@
-"""The Hugging Face transformers vision encoders of the end-to-end benchmark (benchmarks/e2e_vit.py):
-how each is built (random weights), patched (``tome_kernels.patch.transformers``) and read, and
-how a row forces one proportional-attention implementation.
+"""The models of the end-to-end benchmark (benchmarks/e2e_vit.py), timm's ViTs and transformers'
+vision encoders: how each is built (random weights), patched and read, its r and batch sizes;
+and how a row forces one proportional-attention implementation.
 
 A ToMe row of these models runs proportional attention by one implementation of
 ``tome_kernels.patch.prop_attention``, forced for the row through its ``TOME_PROP_ATTENTION``
@@ -28,7 +28,7 @@ SUFFIX = {"bias": "", "flex": "_flex"}
 @dataclass(frozen=True)
 class HFModelSpec:
     """A transformers vision model with random weights: its class, the config arguments that
-    make it, its input resolution, r and batch sizes (as ``e2e_vit.ModelSpec``)."""
+    make it, its input resolution, r and batch sizes (as timm's ``ModelSpec``)."""
 
     hf_class: str
     config: Dict
@@ -85,6 +85,59 @@ HF_MODELS: Dict[str, HFModelSpec] = {
                                                                    "num_attention_heads": 6, "patch_size": 14,
                                                                    "image_size": 224, "num_register_tokens": 4},
                                       224, r=16, gpu_batch=256, cpu_batch=4),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm model with random weights, its input resolution, r and batch sizes.
+
+    ``r`` is the default per block; every block clamps it to what its token count allows.
+    ``sweep``: the other r values timed, for the plot of throughput against r.
+    """
+
+    timm_name: str
+    img_size: int
+    r: int
+    gpu_batch: int
+    cpu_batch: int
+    kwargs: Dict = field(default_factory=dict)
+    sweep: Tuple[int, ...] = ()
+    # timm's patch has one proportional attention (the bias path): no implementation to force.
+    attentions = ()
+
+    def describe(self) -> str:
+        return f"{self.timm_name} (img_size {self.img_size})"
+
+    def row_fields(self) -> Dict:
+        return {"timm_name": self.timm_name}
+
+    def build(self, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+        import timm  # here, not at the top: the other benchmarks run without timm
+        torch.manual_seed(seed)
+        model = timm.create_model(self.timm_name, pretrained=False, **self.kwargs)
+        return model.eval().to(device=device, dtype=dtype)
+
+    @staticmethod
+    def patch(model: torch.nn.Module, r: int, backend: str) -> None:
+        tome_kernels.patch.timm(model, r, backend=backend)
+
+    @staticmethod
+    def output(output: torch.Tensor) -> torch.Tensor:
+        return output  # the logits
+
+
+# ViT-B/16 at 224: 197 tokens, 12 blocks; r = 16 is ToMe's usual setting: the last block is
+# clamped to (21 - 1) // 2 = 10 and 11 tokens remain. ViT-L/16 at 512 (timm's 384 model built
+# at 512, 1025 tokens, 24 blocks): r = 40 merges 960 tokens without any clamp (the last block
+# has 105 tokens, (105 - 1) // 2 = 52 >= 40) and 65 remain; it is also benchmarks.run's shape.
+# ViT-B/16 is also timed at r = 4, 8 and 12 (197 tokens down to 149, 101, 53 after 12 blocks),
+# each as long as a few seconds on a 2-core CPU at batch 4; ViT-L/16 only at its r, its
+# forward pass being 5x as long.
+MODELS: Dict[str, ModelSpec] = {
+    "vit_b16_224": ModelSpec("vit_base_patch16_224", 224, r=16, gpu_batch=256, cpu_batch=4, sweep=(4, 8, 12)),
+    "vit_l16_512": ModelSpec("vit_large_patch16_384", 512, r=40, gpu_batch=32, cpu_batch=1, kwargs={"img_size": 512}),
+    **HF_MODELS,
 }
 
 
