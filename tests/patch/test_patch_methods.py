@@ -505,7 +505,7 @@ def test_minilm_pitome_sentence_merges_as_alone_and_pools(minilm, r):
 
 @needs_transformers
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"method": "dsm"}, ValueError, "timm ViTs only"),
+    ({"method": "dsm"}, ValueError, "vision models only"),
     ({"method": "pitome", "margin": "0.9"}, TypeError, "margin"),
     ({"method": "tome", "energy_form": "elu"}, ValueError, "energy_form applies to method='pitome' only"),
     ({"method": "pitome", "preset": "authors_txt"}, ValueError, "preset must be one of"),
