@@ -39,6 +39,15 @@ STATED = [
     {  # BERT-style encoders
         "tuple(embedding.shape), tuple(encoded.shape)": [[2, 384], [2, 384]],
     },
+    {  # Hugging Face vision models
+        "tuple(image_embeds.shape), tuple(tome_kernels.patch.get_state(clip).size.shape)": [[2, 128], [2, 14, 1]],
+        "tuple(out.last_hidden_state.shape), state.token_map[0, :5].tolist()": [[2, 165, 192], [0, 1, 2, 3, 4]],
+        "type(dino).__module__": "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
+    },
+    {  # LLaVA
+        "per_image, merged, tuple(inputs['input_ids'].shape)": [64, 54, [1, 59]],
+        "tuple(out.shape)": [1, 63],
+    },
     {  # Backends
         "sorted(available_backends())": ["cpu", "cuda", "reference", "triton"],
     },
