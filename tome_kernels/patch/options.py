@@ -106,7 +106,9 @@ def check_method(method, allowed: Tuple[str, ...], num_blocks: int, default_pres
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, one of {', '.join(allowed)}; got {type(method).__name__}")
     if method not in allowed:
-        why = " (DSM merges in windows of a patch grid: vision models only, patch.timm and patch.transformers)" if method in METHODS else ""
+        why = ""
+        if method in METHODS:
+            why = " (DSM merges in windows of a patch grid: vision models only, patch.timm and patch.transformers)"
         raise ValueError(f"method must be one of {', '.join(allowed)}, got {method!r}{why}")
     given = dict(preset=preset, margin=margin, alpha=alpha, energy_form=energy_form, split=split)
     unused = [name for name, value in given.items() if value is not None and method != "pitome"]
