@@ -4,7 +4,8 @@
 # versions, commit, the machine's load and thread settings:
 #   kernels  python -m benchmarks.run       the merge step, every provider and default shape
 #   minilm   python -m benchmarks.minilm    MiniLM embedding fidelity and speed against r
-#   e2e      python -m benchmarks.e2e_vit   ViT images/s against r: unpatched, ToMe via reference, via kernels
+#   e2e      python -m benchmarks.e2e_vit   ViT images/s against r: unpatched, ToMe via reference, via kernels;
+#            and transformers CLIP / DINOv2 encoders (proportional attention: SDPA mask, FlexAttention)
 # then draws the kernels' speed-ups and the ViT throughput against r beside the results
 # (python -m benchmarks.plot; skipped, saying so, without matplotlib).
 # Results go to benchmarks/results/local/ (ignored by git); `bash scripts/bench.sh --save-record`

@@ -47,7 +47,7 @@ class Choice:
 # Per device type. Every entry names what justifies it; a new entry needs a measurement.
 CHOICES: Dict[str, Choice] = {
     "cpu": Choice("bias", "python -m benchmarks.e2e_vit --prop-attn --threads 1 (two runs, 2026-12-01, "
-                          "benchmarks/results/local/prop_attn_cpu_amd-epyc_20261201T014549Z.json and ..T014712Z.json; "
+                          "benchmarks/results/prop_attn_cpu_amd-epyc_20261201T014549Z.json and ..T014712Z.json; "
                           "table in docs/prop_attention.md): compiled flex took 1.13-2.01x the bias path's time at "
                           "every ViT-B/16 token count in float32 but one row timed beside other work, plus a 16-32 s "
                           "compile; the CPU's SDPA keeps its flash kernel with the mask"),
