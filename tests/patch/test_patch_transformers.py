@@ -4,6 +4,8 @@ configs of every supported class, built here (nothing is downloaded)."""
 import copy
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -345,7 +347,9 @@ def test_the_text_side_is_untouched(kind):
     assert not torch.equal(got.image_embeds, expected.image_embeds)
     assert all(not hasattr(m, "_tome_state") for m in model.text_model.modules())
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert model.config.vision_config._attn_implementation == "tome_kernels_sdpa"
+    # The vision tower runs a copy of its config; the one CLIPModel / SiglipModel saves is as it was.
+    assert model.vision_model.config._attn_implementation == "tome_kernels_sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
     assert tome_patch.get_state(model) is model.vision_model._tome_state
 
 
@@ -574,6 +578,64 @@ def test_a_copy_is_patched_on_its_own():
     assert all(torch.equal(g, e) for g, e in zip(outputs(twin, x), expected))
     tome_patch.remove(twin)
     assert tome_patch.is_patched(model)
+
+
+def test_models_built_from_one_config_stay_independent():
+    """A student and its teacher from one config object: patching one leaves the other's
+    attention alone, and both can be patched and removed in any order."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(intermediate_size=64, **VISION)
+    config._attn_implementation = "sdpa"
+    student, teacher = transformers.ViTModel(config).eval(), transformers.ViTModel(config).eval()
+    x = images()
+    expected = outputs(teacher, x)
+    tome_patch.transformers(student, 4)
+    assert config._attn_implementation == "sdpa" and teacher.config is config
+    assert all(torch.equal(g, e) for g, e in zip(outputs(teacher, x), expected))
+    tome_patch.transformers(teacher, 2)
+    assert hidden_counts(teacher, x)[-1] < hidden_counts(teacher, x)[0]
+    tome_patch.remove(student)
+    assert student.config is config and layers(student)[0].attention.config is config
+    assert tome_patch.is_patched(teacher)
+    tome_patch.remove(teacher)
+    assert all(torch.equal(g, e) for g, e in zip(outputs(teacher, x), expected))
+
+
+def test_an_implementation_set_after_patching_is_kept_by_remove():
+    model = tome_patch.transformers(make("vit"), 0)
+    model.set_attn_implementation("eager")
+    tome_patch.remove(model)
+    assert model.config._attn_implementation == "eager"
+    assert layers(model)[0].attention.config is model.config
+
+
+def test_a_bad_prop_attention_switch_is_refused_at_patch_time(monkeypatch):
+    model = make("vit")
+    before = snapshot(model)
+    monkeypatch.setenv("TOME_PROP_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="TOME_PROP_ATTENTION='flash'"):
+        tome_patch.transformers(model, 0)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_saved_patched_model_runs_in_a_new_process(tmp_path):
+    """torch.load in a process that never patched a model: the attention names the saved
+    config holds are registered again when the patched layers are unpickled."""
+    model = tome_patch.transformers(make("vit"), 3)
+    x = images()
+    expected = outputs(model, x)[0]
+    torch.save({"model": model, "x": x, "expected": expected}, tmp_path / "patched.pt")
+    script = ("import sys, torch, tome_kernels.patch\n"
+              "saved = torch.load(sys.argv[1], weights_only=False)\n"
+              "with torch.no_grad():\n"
+              "    got = saved['model'](pixel_values=saved['x']).last_hidden_state\n"
+              "assert tome_kernels.patch.is_patched(saved['model'])\n"
+              "print(got.shape[1], torch.equal(got, saved['expected']))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "patched.pt")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(expected.shape[1]), "True"]
+    assert expected.shape[1] < GRID + 1
 
 
 def test_a_bert_goes_to_patch_bert():

@@ -12,7 +12,10 @@ How the model is changed, all of it undone by ``remove``:
   functions, so a mask the model makes is made as before), and the vision config's
   ``_attn_implementation`` is pointed at the one of the model's implementation. Each attention
   module keeps its own implementation function (``_tome_base``: transformers' sdpa, or the
-  model file's eager) and the shared ``ToMeState``.
+  model file's eager) and the shared ``ToMeState``. The vision model and its modules get a
+  copy of their config for this: two models built from one config object (a student and its
+  teacher) stay independent, and the config a wrapper saves (``CLIPModel.config``) never
+  names the patch's implementation.
 - layers: each becomes a subclass of its own class (``hooks.tome_subclass``) whose forward
   is the original with the merge between the attention residual and the MLP.
 - SigLIP's attention-pooling head: a subclass whose probe weighs each token by its size.
@@ -20,6 +23,7 @@ How the model is changed, all of it undone by ``remove``:
 No parameter or buffer changes, so the state_dict keeps its names while patched.
 """
 
+import copy
 import inspect
 import sys
 from typing import List, NamedTuple, Optional, Tuple
@@ -37,10 +41,11 @@ from .hf_vision_layers import (
     PatchGridRecorder,
     SizeWeightedPoolingHead,
     ViTLayerForward,
-    tome_attention,
+    register_attention,
 )
 from .hooks import original_class, remove_hooks, tome_subclass
 from .options import check_method, with_prop_attn
+from .prop_attention import check_prop_attention_switch
 from .schedule import RSchedule, dsm_r_per_block, r_per_block
 from .state import ToMeState
 
@@ -149,7 +154,10 @@ def _check_model(model) -> Tuple[nn.Module, _Family, List[nn.Module], str]:
     family = _FAMILIES[original_class(vision).__name__]
     modeling = _modeling(family.package)
     config = vision.config
-    implementation = getattr(vision, "_tome_attn_implementation", config._attn_implementation)
+    implementation = config._attn_implementation
+    if implementation in ATTENTION_NAMES.values() and hasattr(vision, "_tome_config"):
+        # Patched already: the model's own implementation is in the config it had before.
+        implementation = vision._tome_config._attn_implementation
     base = "eager" if implementation is None else implementation
     if base not in ATTENTION_NAMES:
         raise ValueError(f"model runs attn_implementation {implementation!r}; ToMe needs 'eager' or 'sdpa' (an "
@@ -196,17 +204,6 @@ def _layer_problem(layer: nn.Module, layer_class: type, attribute: str, attentio
         # The patch points the model's config at its attention function; this one reads another.
         return "has an attention whose config is not the model's"
     return None
-
-
-def _register_attention() -> None:
-    """Register the attention function and the mask functions of its names, once; done at the
-    first patch, so that importing tome_kernels imports no transformers."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    for base, name in ATTENTION_NAMES.items():
-        AttentionInterface.register(name, tome_attention)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
 def _base_attention(family: _Family, base: str):
@@ -277,8 +274,9 @@ def patch_transformers(model: nn.Module, r: RSchedule, *, prop_attn: Optional[bo
             (interpolate_pos_encoding=True) work.
 
     A patched model patched again is first restored, so the new settings replace the old.
-    ``remove(model)`` restores the classes, the config's attention implementation, the hooks
-    and the attributes. Gradient checkpointing is refused while any layer merges.
+    ``remove(model)`` restores the classes, the config (the model's own object; an attention
+    implementation set after patching is kept), the hooks and the attributes. Gradient
+    checkpointing is refused while any layer merges.
 
     Raises:
         TypeError: ``model`` is not a supported class (naming it), or an argument of the wrong type.
@@ -316,7 +314,8 @@ def patch_transformers(model: nn.Module, r: RSchedule, *, prop_attn: Optional[bo
         schedule = dsm_r_per_block(r, len(layers), options.delay)
     else:
         schedule = r_per_block(r, len(layers))
-    _register_attention()
+    check_prop_attention_switch()
+    register_attention()
     remove(vision)
     registers = getattr(vision.embeddings, "register_tokens", None)
     state = ToMeState(schedule, class_token=family.class_token, distill_token=family.distill_token,
@@ -340,11 +339,17 @@ def patch_transformers(model: nn.Module, r: RSchedule, *, prop_attn: Optional[bo
     if options.method == "dsm":
         vision.embeddings.register_forward_pre_hook(PatchGridRecorder(state, _patch_size(vision.config)),
                                                     with_kwargs=True)
-    # The config's own property, as set_attn_implementation itself writes it in the end: that
-    # method would re-run its availability checks and turn None into "sdpa", so restoring
-    # through it would not give back the exact value.
-    vision._tome_attn_implementation = vision.config._attn_implementation
-    vision.config._attn_implementation = ATTENTION_NAMES[base]
+    # A copy of the config, given to every module that reads it: the original may be shared
+    # with other models (built from one config object), which must keep their attention. The
+    # copy's own property is written, as set_attn_implementation writes it in the end (that
+    # method would re-run its availability checks and turn None into "sdpa").
+    original = vision.config
+    config = copy.copy(original)
+    for module in vision.modules():
+        if getattr(module, "config", None) is original:
+            module.config = config
+    config._attn_implementation = ATTENTION_NAMES[base]
+    vision._tome_config = original
     vision._tome_state = state
     return model
 
@@ -364,5 +369,11 @@ def remove_transformers(vision: nn.Module) -> None:
         del head._tome_state
     remove_hooks(vision.embeddings, PatchGridRecorder)
     remove_hooks(vision, NoMaskWhileMerging)
-    vision.config._attn_implementation = vision._tome_attn_implementation
-    del vision._tome_attn_implementation, vision._tome_state
+    config, original = vision.config, vision._tome_config
+    if config._attn_implementation not in ATTENTION_NAMES.values():
+        # Changed after patching (set_attn_implementation): the user's choice, kept.
+        original._attn_implementation = config._attn_implementation
+    for module in vision.modules():
+        if getattr(module, "config", None) is config:
+            module.config = original
+    del vision._tome_config, vision._tome_state

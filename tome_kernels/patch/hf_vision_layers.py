@@ -37,11 +37,32 @@ def tome_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if state is None:
         raise RuntimeError(f"attention implementation {ATTENTION_NAMES['sdpa']!r} / {ATTENTION_NAMES['eager']!r} is "
                            f"tome_kernels.patch.transformers' and runs only in a patched model; this "
-                           f"{type(module).__name__} is not patched (a config copied from a patched model?): set its "
-                           "config._attn_implementation back to 'sdpa' or 'eager'")
+                           f"{type(module).__name__} is not patched (its config was copied from a patched model's "
+                           "config?): set its config._attn_implementation back to 'sdpa' or 'eager'")
     state.keys = key
     log_size = state.size[..., 0].log() if state.merged and state.prop_attn else None
     return size_attention(module, query, key, value, attention_mask, log_size, module._tome_base, **kwargs)
+
+
+def register_attention() -> None:
+    """Register the attention function and the mask functions of its names in transformers.
+    Done by each patch and by each patched layer loaded by pickle (``torch.load`` of a patched
+    model, in a process that never patched one), not at import: importing tome_kernels
+    imports no transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for base, name in ATTENTION_NAMES.items():
+        AttentionInterface.register(name, tome_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+class _RegisteredOnLoad:
+    """A patched layer unpickled in a new process needs the attention names its config holds."""
+
+    def __setstate__(self, state: dict) -> None:
+        register_attention()
+        super().__setstate__(state)
 
 
 def _start(layer: nn.Module, hidden_states: Tensor,
@@ -78,7 +99,7 @@ def _merge(layer: nn.Module, state: ToMeState, hidden_states: Tensor) -> Tensor:
     return hidden_states
 
 
-class ViTLayerForward:
+class ViTLayerForward(_RegisteredOnLoad):
     """ViTLayer / DeiTLayer.forward (pre-norm, dropout on each branch) with the merge."""
 
     _tome_attention_attr = "attention"
@@ -100,7 +121,7 @@ class ViTLayerForward:
         return hidden_states
 
 
-class CLIPLayerForward:
+class CLIPLayerForward(_RegisteredOnLoad):
     """CLIPEncoderLayer / SiglipEncoderLayer.forward (pre-norm, plain residuals) with the merge."""
 
     _tome_attention_attr = "self_attn"
@@ -120,7 +141,7 @@ class CLIPLayerForward:
         return hidden_states
 
 
-class Dinov2LayerForward:
+class Dinov2LayerForward(_RegisteredOnLoad):
     """Dinov2Layer / Dinov2WithRegistersLayer.forward (layer scale, drop path) with the merge."""
 
     _tome_attention_attr = "attention"
@@ -185,7 +206,6 @@ class PatchGridRecorder:
         pixel_values = args[0] if args else kwargs.get("pixel_values")
         height, width = pixel_values.shape[-2:]
         self.state.grid_size = (int(height) // self.patch_size[0], int(width) // self.patch_size[1])
-
 
 
 class NoMaskWhileMerging:

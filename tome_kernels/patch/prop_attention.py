@@ -56,6 +56,18 @@ CHOICES: Dict[str, Choice] = {
 }
 
 
+def check_prop_attention_switch() -> None:
+    """Refuse a bad ``TOME_PROP_ATTENTION`` when a model is patched: ``choose`` reads it only
+    once a token has merged, so without this a typo would pass every r = 0 run unnoticed.
+
+    Raises:
+        ValueError: the variable is set to something other than an implementation's name.
+    """
+    forced = os.environ.get(ENV_VAR, "")
+    if forced and forced not in IMPLEMENTATIONS:
+        raise ValueError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(IMPLEMENTATIONS)} (or unset)")
+
+
 def choose(device, *, base_is_sdpa: bool = True, has_mask: bool = False, dropout: float = 0.0,
            weights: bool = False) -> str:
     """The implementation ``size_attention`` uses on ``device`` (a torch.device or its type
