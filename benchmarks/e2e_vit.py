@@ -291,7 +291,12 @@ def plan_runs(spec: ModelSpec, providers: List[Dict], args: argparse.Namespace) 
     it before the cheap rows), the implementation in the provider's "prop_attn"."""
     tome = [p for p in providers if p["backend"] is not None]
     if spec.attentions:
-        tome = [{**p, "name": p["name"] + SUFFIX[a], "prop_attn": a} for a in spec.attentions if a in args.attention
+        attentions = [a for a in spec.attentions if a in args.attention]
+        unavailable = prop_attention.flex_unavailable_reason(args.device)
+        if "flex" in attentions and unavailable is not None:
+            print(f"e2e: no FlexAttention rows: {unavailable}", file=sys.stderr)
+            attentions.remove("flex")
+        tome = [{**p, "name": p["name"] + SUFFIX[a], "prop_attn": a} for a in attentions
                 for p in tome if a == "bias" or p["auto"]]
     return [(p, 0) for p in providers if p["backend"] is None] + [(p, r) for r in r_values(spec, args) for p in tome]
 

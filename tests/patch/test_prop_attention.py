@@ -124,7 +124,13 @@ def test_log_size_is_repeating_each_key_size_times(no_override):
     assert_within_twice_reference_error(out, ref, want)
 
 
+# Compiled FlexAttention runs on this CPU only with AVX2 in use (scripts/test_isa.sh's "sse" run has it off).
+needs_flex = pytest.mark.skipif(prop_attention.flex_unavailable_reason("cpu") is not None,
+                                reason=str(prop_attention.flex_unavailable_reason("cpu")))
+
+
 @pytest.mark.slow
+@needs_flex
 def test_flex_path_agrees_with_the_bias_path_and_repetition(no_override):
     q, k, v, size = inputs(seed=3)
     log_size = size.float().log()
@@ -156,11 +162,30 @@ def test_choose(monkeypatch):
     with pytest.raises(TypeError, match="device"):
         choose(3)
     monkeypatch.setenv(ENV_VAR, "flex")
-    assert choose("cpu") == "flex"
+    assert choose("cuda") == "flex"
     with pytest.raises(ValueError, match="has_mask=True"):
-        choose("cpu", has_mask=True)
+        choose("cuda", has_mask=True)
+    if prop_attention.flex_unavailable_reason("cpu") is None:
+        assert choose("cpu") == "flex"
+    else:
+        with pytest.raises(ValueError, match="AVX2|macOS"):
+            choose("cpu")
     monkeypatch.setenv(ENV_VAR, "fast")
     with pytest.raises(ValueError, match=ENV_VAR):
+        choose("cpu")
+
+
+def test_flex_needs_avx2_on_the_cpu(monkeypatch):
+    """Where inductor cannot lower FlexAttention on the CPU, the table never picks it and
+    forcing it says why, before any compile."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert "AVX2" in prop_attention.flex_unavailable_reason("cpu")
+    assert prop_attention.flex_unavailable_reason("cuda") is None
+    monkeypatch.setitem(CHOICES, "cpu", prop_attention.Choice("flex", "a test's entry"))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert choose("cpu") == "bias"
+    monkeypatch.setenv(ENV_VAR, "flex")
+    with pytest.raises(ValueError, match="needs AVX2"):
         choose("cpu")
 
 
@@ -177,6 +202,7 @@ def test_bad_arguments_are_named(no_override):
 
 
 @pytest.mark.slow
+@needs_flex
 def test_flex_path_in_a_model_compiled_whole(monkeypatch):
     """transformers' sdpa as base, the flex path forced: a block calling size_attention
     compiles with fullgraph=True and agrees with the bias path."""

@@ -56,6 +56,27 @@ CHOICES: Dict[str, Choice] = {
 }
 
 
+# Read once, at import: dynamo refuses to trace torch.cpu._is_avx2_supported, and choose() runs
+# inside compiled models.
+_CPU_HAS_AVX2 = torch.cpu._is_avx2_supported()
+
+
+def flex_unavailable_reason(device) -> Optional[str]:
+    """Why compiled FlexAttention cannot run on ``device`` (a torch.device or its type name),
+    or None. On the CPU inductor lowers it only with AVX2 in use, not on macOS
+    (``torch/_inductor/kernel/flex/flex_cpu.py``, ``check_cpu_supported``, torch 2.11): elsewhere
+    the compile fails with "not supported for CPU"."""
+    kind = device if isinstance(device, str) else getattr(device, "type", None)
+    if kind is None or kind.split(":")[0] != "cpu":
+        return None
+    if sys.platform == "darwin":
+        return "compiled FlexAttention does not run on the CPU on macOS (torch's inductor)"
+    if not _CPU_HAS_AVX2 or os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        return ("compiled FlexAttention on the CPU needs AVX2 in use (this CPU lacks it, or ATEN_CPU_CAPABILITY="
+                "default turns it off)")
+    return None
+
+
 def check_prop_attention_switch() -> None:
     """Refuse a bad ``TOME_PROP_ATTENTION`` when a model is patched: ``choose`` reads it only
     once a token has merged, so without this a typo would pass every r = 0 run unnoticed.
@@ -86,9 +107,13 @@ def choose(device, *, base_is_sdpa: bool = True, has_mask: bool = False, dropout
             raise ValueError(f"{ENV_VAR}=flex, but this call cannot use FlexAttention (it needs base 'sdpa', no "
                              f"attention_mask, no dropout, no attention weights; got base_is_sdpa={base_is_sdpa}, "
                              f"has_mask={has_mask}, dropout={dropout}, weights={weights})")
+        unavailable = flex_unavailable_reason(kind) if forced == "flex" else None
+        if unavailable is not None:
+            raise ValueError(f"{ENV_VAR}=flex, but {unavailable}")
         return forced
     entry = CHOICES.get(kind)
     implementation = entry.implementation if entry is not None else "bias"
+    flex_ok = flex_ok and flex_unavailable_reason(kind) is None
     return implementation if implementation == "bias" or flex_ok else "bias"
 
 
