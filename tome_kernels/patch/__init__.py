@@ -4,7 +4,7 @@
     tome_kernels.patch.timm(model, r=16)        # a timm ViT / DeiT
     tome_kernels.patch.bert(encoder, r=4)       # a Hugging Face BertModel (encoder)
     tome_kernels.patch.mean_pool(encoder, out.last_hidden_state)  # size-weighted, no padding
-    tome_kernels.patch.diffusion(unet, ratio=0.5)   # diffusers BasicTransformerBlocks (tomesd)
+    tome_kernels.patch.diffusion(unet, ratio=0.5)   # diffusers BasicTransformerBlocks (tomesd); or a pipeline
     tome_kernels.patch.transformers(clip, r=8)  # transformers ViT / DeiT / CLIP / SigLIP / DINOv2 vision models
     tome_kernels.patch.llava(llava, r=8)        # a LLaVA's vision tower; then shorten the prompt's image tokens:
     inputs.update(tome_kernels.patch.fit_image_tokens(llava, inputs["input_ids"], inputs["attention_mask"]))
@@ -18,7 +18,7 @@ from torch import nn
 
 from .bert import mean_pool, sentence_transformer_bert
 from .bert import patch_bert as bert
-from .diffusion import DiffusionState, NoMergeWarning
+from .diffusion import DiffusionState, NoMergeWarning, pipeline_denoiser
 from .diffusion import patch_diffusion as diffusion
 from .hf_vision import patch_transformers as transformers
 from .hf_vision import vision_model_of
@@ -32,13 +32,20 @@ from .vlm import patch_llava as llava
 def _patched_module(model: nn.Module) -> nn.Module:
     """The module that holds the patch: a SentenceTransformer's is its BertModel; a
     transformers vision wrapper's (CLIPModel, ViTForImageClassification, ...) its vision model;
-    a LLaVA's its vision tower."""
-    inner = sentence_transformer_bert(model)
+    a LLaVA's its vision tower; a diffusers pipeline's its unet or transformer."""
+    inner = pipeline_denoiser(model)
+    if inner is None:
+        inner = sentence_transformer_bert(model)
     if inner is None:
         inner = vision_model_of(model)
     if inner is None:
         inner = llava_vision_tower(model)
     return model if inner is None else inner
+
+
+def _check_model_type(model) -> None:
+    if not isinstance(model, nn.Module) and pipeline_denoiser(model) is None:
+        raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -54,11 +61,10 @@ def get_state(model: nn.Module) -> Union[ToMeState, DiffusionState]:
     the last pass is the one the calling thread ran.
 
     Raises:
-        TypeError: ``model`` is not a torch.nn.Module.
+        TypeError: ``model`` is neither a torch.nn.Module nor a diffusers pipeline.
         ValueError: ``model`` is not patched.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model_type(model)
     if not is_patched(model):
         raise ValueError(f"model ({type(model).__name__}) is not patched by tome_kernels.patch")
     return _patched_module(model)._tome_state
@@ -69,10 +75,9 @@ def remove(model: nn.Module) -> nn.Module:
     unchanged.
 
     Raises:
-        TypeError: ``model`` is not a torch.nn.Module.
+        TypeError: ``model`` is neither a torch.nn.Module nor a diffusers pipeline.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model_type(model)
     if is_patched(model):
         get_state(model).undo(_patched_module(model))
     return model

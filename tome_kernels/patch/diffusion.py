@@ -496,6 +496,24 @@ def _check_model(model: nn.Module, random_dst: bool) -> List[nn.Module]:
     return blocks
 
 
+def pipeline_denoiser(pipe) -> Optional[nn.Module]:
+    """The denoiser a diffusers pipeline runs at every step (its ``unet``, else its
+    ``transformer``), or None when ``pipe`` is not a ``DiffusionPipeline``. Looked up without
+    importing diffusers: a pipeline exists only once it is imported.
+
+    Raises:
+        TypeError: a pipeline with neither (e.g. a prior-only one): nothing to patch.
+    """
+    library = sys.modules.get("diffusers")
+    if library is None or not isinstance(pipe, library.DiffusionPipeline):
+        return None
+    for name in ("unet", "transformer"):
+        denoiser = getattr(pipe, name, None)
+        if isinstance(denoiser, nn.Module):
+            return denoiser
+    raise TypeError(f"model is a {type(pipe).__name__} with neither a unet nor a transformer module to patch")
+
+
 def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: int = 2, max_downsample: int = 1,
                     random_dst: bool = True, seed: int = 0, merge_attn: bool = True, merge_crossattn: bool = False,
                     merge_mlp: bool = False, latent_size=None, backend: str = "auto") -> nn.Module:
@@ -504,7 +522,9 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
 
     Args:
         model: any module holding BasicTransformerBlocks: a UNet2DConditionModel, a
-            Transformer2DModel, a bare block.
+            Transformer2DModel, a bare block; or a diffusers pipeline, whose ``unet`` (else
+            ``transformer``) is patched (as tomesd's ``apply_patch(pipe)``); the pipeline
+            is returned.
         ratio: the fraction of a block's N tokens to merge, r = int(N * ratio) (clamped to the
             tokens that are not destinations).
         sx, sy: the stride of the partition: one destination per sy x sx window.
@@ -531,6 +551,12 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
     """
     from . import remove
 
+    denoiser = pipeline_denoiser(model)
+    if denoiser is not None:
+        patch_diffusion(denoiser, ratio, sx=sx, sy=sy, max_downsample=max_downsample, random_dst=random_dst, seed=seed,
+                        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
+                        latent_size=latent_size, backend=backend)
+        return model
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     settings = dict(
         sx=checks.check_int("sx", sx, 1), sy=checks.check_int("sy", sy, 1),
