@@ -153,8 +153,12 @@ def main(argv: Optional[List[str]] = None) -> Optional[str]:
     args = p.parse_args(argv)
     loaded = []
     for path in args.results:
-        with open(path) as f:
-            results = json.load(f)
+        # A missing or unreadable results file is the user's argument: say which, not a traceback.
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            p.error(f"cannot read results file {path}: {error}")
         if kind(results) not in ("kernels", "e2e_vit"):
             print(f"benchmarks.plot: {path} holds {kind(results)} results, not plotted", file=sys.stderr)
             continue

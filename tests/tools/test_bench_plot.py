@@ -97,3 +97,14 @@ def test_nothing_to_plot_is_an_error(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(SystemExit, match="nothing to plot"):
         plot.main([str(path), "--out", str(tmp_path / "x.png")])
+
+
+def test_a_missing_or_broken_results_file_is_named(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for path in (tmp_path / "missing.json", broken):
+        with pytest.raises(SystemExit) as exit_info:
+            plot.main([str(path), "--out", str(tmp_path / "x.png")])
+        assert exit_info.value.code == 2
+        assert f"cannot read results file {path}" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
