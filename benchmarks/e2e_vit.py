@@ -107,9 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     return spec.build(device, dtype, seed)
@@ -235,7 +232,7 @@ def _measure(spec_name: str, spec: ModelSpec, model, images, provider: Dict, r: 
             timed = steady.measure(
                 lambda: [time_fn(lambda: runner(images), device, settings["warmup"], settings["reps"],
                                  args.min_seconds)],
-                log=_log)[0]
+                log=report.log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
     median = timed["spread"]["median_s"]
@@ -343,7 +340,7 @@ def run(args: argparse.Namespace) -> Dict:
             if late():  # not even the model is built
                 rows += [_skipped(name, spec, batch, p, r, args) for p, r in runs]
                 continue
-            _log(f"{name}: building {spec.describe()}, random weights, in {settings['dtype']}")
+            report.log(f"{name}: building {spec.describe()}, random weights, in {settings['dtype']}")
             model = build_model(spec, device, dtype, args.seed)
             g = torch.Generator(device="cpu").manual_seed(args.seed)
             images = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g).to(device, dtype)
@@ -352,7 +349,7 @@ def run(args: argparse.Namespace) -> Dict:
                 if late():
                     group.append(_skipped(name, spec, batch, provider, r, args))
                     continue
-                _log(f"[{i + 1}/{len(runs)}] {name} B={batch} {provider['name']} r={r}")
+                report.log(f"[{i + 1}/{len(runs)}] {name} B={batch} {provider['name']} r={r}")
                 group.append(_measure(name, spec, model, images, provider, r, device, args, settings, steady))
             _add_comparisons(group)
             rows += group

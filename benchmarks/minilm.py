@@ -141,9 +141,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask[..., None].to(hidden.dtype)
@@ -232,7 +229,8 @@ def run(args: argparse.Namespace) -> Dict:
     st = SentenceTransformer(path, device=str(device))
     model = st[0].auto_model.eval()
     data = Sentences(st[0].tokenizer, args.batch_size, device)
-    _log(f"loaded {path} ({model.config._attn_implementation} attention) in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    report.log(f"loaded {path} ({model.config._attn_implementation} attention) in {seconds:.1f} s")
 
     baseline, widths_in, real_in = embed(model, data.batches)
     baseline_alone = embed(model, data.singles)[0]
@@ -243,9 +241,9 @@ def run(args: argparse.Namespace) -> Dict:
     sample = (torch.zeros(1, 4, model.config.hidden_size, device=device),
               torch.zeros(1, model.config.num_attention_heads, 4, 8, device=device))
     backend_used = select_backend(args.backend, sample).name
-    _log(f"{len(SENTENCES)} sentences in {len(data.batches)} batch(es) of width {widths_in}, "
-         f"{real_in.mean().item():.1f} real tokens per sentence; unpatched = SentenceTransformer.encode "
-         f"to {st_diff:.1e}; merge backend {backend_used}")
+    report.log(f"{len(SENTENCES)} sentences in {len(data.batches)} batch(es) of width {widths_in}, "
+               f"{real_in.mean().item():.1f} real tokens per sentence; unpatched = SentenceTransformer.encode "
+               f"to {st_diff:.1e}; merge backend {backend_used}")
 
     rows = []
     steady = Steadiness(args.retries)
@@ -270,7 +268,7 @@ def run(args: argparse.Namespace) -> Dict:
                  + [(functools.partial(patch.bert, model, r, **METHODS[method], backend=args.backend),
                      lambda: forward_all(model, data.batches)) for method in args.methods])
         # All of an r's cases again when one is wide: they are compared with each other.
-        base, *timed = steady.measure(lambda: time_interleaved(cases, device, args.warmup, args.reps), log=_log)
+        base, *timed = steady.measure(lambda: time_interleaved(cases, device, args.warmup, args.reps), log=report.log)
         patch.remove(model)
         for row, t in zip(measured, timed):
             row.update({"times_s": t["times_s"], "median_s": t["spread"]["median_s"], "spread": t["spread"],
@@ -283,10 +281,12 @@ def run(args: argparse.Namespace) -> Dict:
             if unsteady({"flags": base["flags"]}):
                 row["flags"].append("baseline")
             rows.append(row)
-            _log(f"r={r} {row['method']}: width {row['width_last_layer']}, {row['real_tokens_last_layer_mean']:.1f} "
-                 f"real tokens left, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), alone "
-                 f"{row['cosine_alone_mean']:.4f} (min {row['cosine_alone_min']:.4f}), {row['median_s'] * 1e3:.1f} ms "
-                 f"vs {row['unpatched_median_s'] * 1e3:.1f} ms unpatched")
+            report.log(f"r={r} {row['method']}: width {row['width_last_layer']}, "
+                       f"{row['real_tokens_last_layer_mean']:.1f} "
+                       f"real tokens left, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), alone "
+                       f"{row['cosine_alone_mean']:.4f} (min {row['cosine_alone_min']:.4f}), "
+                       f"{row['median_s'] * 1e3:.1f} ms "
+                       f"vs {row['unpatched_median_s'] * 1e3:.1f} ms unpatched")
     return {
         "benchmark": "minilm",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -80,9 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def make_inputs(batch: int, tokens: int, dtype: torch.dtype, device: torch.device, seed: int):
     """query, key, value (B, 12, N, 64) and log(size) (B, N) with whole sizes summing to about
@@ -178,7 +175,7 @@ def measure_row(dtype_name: str, tokens: int, args, settings, device, steady: St
     names = list(ready)
     if names:
         timed = steady.measure(lambda: [time_fn(ready[n], device, settings["warmup"], settings["reps"],
-                                                args.min_seconds) for n in names], log=_log)
+                                                args.min_seconds) for n in names], log=report.log)
         for name, t in zip(names, timed):
             row["providers"][name].update(status="ok", times_s=t["times_s"], spread=t["spread"],
                                           median_s=t["spread"]["median_s"], flags=t["flags"], attempts=t["attempts"],
@@ -233,7 +230,7 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
                     rows.append({"dtype": dtype_name, "tokens": n, "status": "skipped",
                                  "reason": f"past --deadline-s {args.deadline_s:g}"})
                     continue
-                _log(f"[{len(rows) + 1}/{len(dtypes) * len(tokens)}] {dtype_name} N={n}")
+                report.log(f"[{len(rows) + 1}/{len(dtypes) * len(tokens)}] {dtype_name} N={n}")
                 row = measure_row(dtype_name, n, args, settings, device, steady)
                 row["status"] = "ok"
                 rows.append(row)

@@ -8,6 +8,7 @@ is no record); ``--save-record`` saves to ``benchmarks/results/``, the project's
 
 import argparse
 import os
+import sys
 import textwrap
 from typing import Callable, Dict, List, Sequence
 
@@ -17,6 +18,11 @@ RECORD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LOCAL_DIR = os.path.join(RECORD_DIR, "local")
 # Wide enough for a terminal beside an editor and for a README without side-scrolling.
 MAX_WIDTH = 120
+
+
+def log(msg: str) -> None:
+    """A benchmark's progress line, on stderr (stdout carries its table)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

@@ -74,9 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 def _choose_shapes(args, device):
     pool = GPU_SHAPES if args.full_size else default_shapes(device)
@@ -101,7 +98,7 @@ def run(args: argparse.Namespace) -> Dict:
     shapes = _choose_shapes(args, device)
 
     copy_mib = args.copy_mib or (1024 if device.type == "cuda" else 256)
-    _log(f"copy bandwidth: {copy_mib} MiB device-to-device copy on {device}")
+    report.log(f"copy bandwidth: {copy_mib} MiB device-to-device copy on {device}")
     copies = [copy_bandwidth(device, copy_mib * 1024 * 1024, reps)]
     rows: List[Dict] = []
     steady = Steadiness(args.retries)
@@ -116,12 +113,12 @@ def run(args: argparse.Namespace) -> Dict:
             backward = pass_name == "fwd+bwd"
             expected = make_step("reference", shape, inputs, backward)()
             for provider in names:
-                _log(f"[{len(rows) + 1}/{total}] {shape.name} B={shape.batch} {pass_name} {provider}")
+                report.log(f"[{len(rows) + 1}/{total}] {shape.name} B={shape.batch} {pass_name} {provider}")
                 rows.append(_measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, args,
                                      copies[0], steady))
     # Measured again at the end, the faster of the two is the ceiling: a copy slowed by a busy
     # moment would make every row look closer to it than it is.
-    _log("copy bandwidth again, after the rows")
+    report.log("copy bandwidth again, after the rows")
     copies.append(copy_bandwidth(device, copy_mib * 1024 * 1024, reps))
     copy = max(copies, key=lambda c: c["gbps"])
     for r in rows:
@@ -169,21 +166,21 @@ def _measure(shape, pass_name, provider, inputs, expected, device, dtype, reps, 
         if compiled:
             # Up to half a minute a row on a 2-core CPU with a cold cache: say so, or the run
             # looks hung.
-            _log(f"  compiling reference for {shape.name} {pass_name} ...")
+            report.log(f"  compiling reference for {shape.name} {pass_name} ...")
         outputs = step()  # the first call: compiles, if it does
         row["first_call_s"] = time.perf_counter() - started
         if compiled:
             row["compile_cache_hits"] = inductor_cache_hits() - hits_before
             cached = " (from inductor's on-disk cache)" if row["compile_cache_hits"] else ""
-            _log(f"  compiled in {row['first_call_s']:.1f} s{cached}")
+            report.log(f"  compiled in {row['first_call_s']:.1f} s{cached}")
         row["rel_err_vs_reference"] = rel_err(outputs, expected)
         if shape.method != "tome" and provider != "reference":
             row.update(method_agreement(provider, shape, inputs))
         timed = steady.measure(lambda: [time_fn(step, device, args.warmup, reps, args.min_seconds)], impossible,
-                               _log)[0]
+                               report.log)[0]
     except Exception as exc:  # one provider failing must not lose the rest of the table
         if compiled and "first_call_s" not in row:
-            _log(f"  compile failed after {time.perf_counter() - started:.1f} s")
+            report.log(f"  compile failed after {time.perf_counter() - started:.1f} s")
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
     median = timed["spread"]["median_s"]
     peak, peak_error = peak_extra_bytes(step, device)

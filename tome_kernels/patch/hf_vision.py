@@ -44,9 +44,9 @@ from .hf_vision_layers import (
     register_attention,
 )
 from .hooks import original_class, remove_hooks, tome_subclass
-from .options import check_method, with_prop_attn
+from .options import check_vision_method
 from .prop_attention import check_prop_attention_switch
-from .schedule import RSchedule, dsm_r_per_block, r_per_block
+from .schedule import RSchedule
 from .state import ToMeState
 
 
@@ -101,7 +101,7 @@ _REFUSED = {
 _SUPPORTED = sorted(_FAMILIES) + sorted(_WRAPPERS)
 
 
-def _modeling(package: str):
+def modeling_module(package: str):
     """transformers' modeling file of ``package``, if imported (a model of it exists only then)."""
     return sys.modules.get(f"transformers.models.{package}.modeling_{package}")
 
@@ -113,7 +113,7 @@ def _known_class(model: nn.Module, table: dict) -> Optional[str]:
     entry = table.get(cls.__name__)
     if entry is None:
         return None
-    modeling = _modeling(entry[0] if isinstance(entry, tuple) else entry.package)
+    modeling = modeling_module(entry[0] if isinstance(entry, tuple) else entry.package)
     return cls.__name__ if modeling is not None and getattr(modeling, cls.__name__, None) is cls else None
 
 
@@ -152,7 +152,7 @@ def _check_model(model) -> Tuple[nn.Module, _Family, List[nn.Module], str]:
         raise TypeError(f"model must be a transformers vision model of a supported class ({', '.join(_SUPPORTED)}; "
                         f"or a BertModel / SentenceTransformer, for patch.bert), got {name}")
     family = _FAMILIES[original_class(vision).__name__]
-    modeling = _modeling(family.package)
+    modeling = modeling_module(family.package)
     config = vision.config
     implementation = config._attn_implementation
     if implementation in ATTENTION_NAMES.values() and hasattr(vision, "_tome_config"):
@@ -213,7 +213,7 @@ def _base_attention(family: _Family, base: str):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         return ALL_ATTENTION_FUNCTIONS["sdpa"]
-    return _modeling(family.package).eager_attention_forward
+    return modeling_module(family.package).eager_attention_forward
 
 
 def _patch_size(config) -> Tuple[int, int]:
@@ -306,14 +306,9 @@ def patch_transformers(model: nn.Module, r: RSchedule, *, prop_attn: Optional[bo
                            delay=delay, window=window)
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     vision, family, layers, base = _check_model(model)
-    options = check_method(method, ("tome", "pitome", "dsm"), len(layers), "authors_vit", preset=preset,
-                           margin=margin, alpha=alpha, energy_form=energy_form, split=split, delay=delay,
-                           window=window)
-    options = with_prop_attn(prop_attn, options)
-    if options.method == "dsm":
-        schedule = dsm_r_per_block(r, len(layers), options.delay)
-    else:
-        schedule = r_per_block(r, len(layers))
+    options, schedule = check_vision_method(r, len(layers), prop_attn, method, preset=preset, margin=margin,
+                                            alpha=alpha, energy_form=energy_form, split=split, delay=delay,
+                                            window=window)
     check_prop_attention_switch()
     register_attention()
     remove(vision)

@@ -14,6 +14,7 @@ from ..checks import check_choice, check_flag, check_int, check_int_pair, is_rea
 from ..methods import check_pitome_alpha, check_pitome_margin
 from ..reference.energy import FORMS
 from ..reference.roles import SPLITS
+from .schedule import dsm_r_per_block, r_per_block
 
 METHODS = ("tome", "pitome", "dsm")
 
@@ -146,3 +147,14 @@ def with_prop_attn(prop_attn, options: MethodOptions) -> MethodOptions:
     preset's) when None."""
     return options._replace(prop_attn=options.prop_attn if prop_attn is None else check_flag("prop_attn", prop_attn))
 
+
+
+def check_vision_method(r, num_blocks: int, prop_attn, method, **options) -> Tuple[MethodOptions, List[int]]:
+    """The checked options and r per block of a vision patch (``patch.timm``,
+    ``patch.transformers``): ToMe, PiToMe (default preset "authors_vit") or DSM, whose
+    schedule spends its budget from its delay on; ``options`` as ``check_method`` takes them."""
+    checked = with_prop_attn(prop_attn, check_method(method, ("tome", "pitome", "dsm"), num_blocks, "authors_vit",
+                                                     **options))
+    if checked.method == "dsm":
+        return checked, dsm_r_per_block(r, num_blocks, checked.delay)
+    return checked, r_per_block(r, num_blocks)

@@ -77,9 +77,10 @@ def flex_unavailable_reason(device) -> Optional[str]:
     return None
 
 
-def check_prop_attention_switch() -> None:
-    """Refuse a bad ``TOME_PROP_ATTENTION`` when a model is patched: ``choose`` reads it only
-    once a token has merged, so without this a typo would pass every r = 0 run unnoticed.
+def check_prop_attention_switch() -> str:
+    """The implementation ``TOME_PROP_ATTENTION`` forces ("" when unset), checked. ``choose``
+    reads it through this; patches call it too, since ``choose`` runs only once a token has
+    merged and a typo would otherwise pass every r = 0 run unnoticed.
 
     Raises:
         ValueError: the variable is set to something other than an implementation's name.
@@ -87,6 +88,7 @@ def check_prop_attention_switch() -> None:
     forced = os.environ.get(ENV_VAR, "")
     if forced and forced not in IMPLEMENTATIONS:
         raise ValueError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(IMPLEMENTATIONS)} (or unset)")
+    return forced
 
 
 def choose(device, *, base_is_sdpa: bool = True, has_mask: bool = False, dropout: float = 0.0,
@@ -99,10 +101,8 @@ def choose(device, *, base_is_sdpa: bool = True, has_mask: bool = False, dropout
         raise TypeError(f"choose: device must be a torch.device or a device type name, got {type(device).__name__}")
     kind = kind.split(":")[0]
     flex_ok = base_is_sdpa and not has_mask and not dropout and not weights
-    forced = os.environ.get(ENV_VAR, "")
+    forced = check_prop_attention_switch()
     if forced:
-        if forced not in IMPLEMENTATIONS:
-            raise ValueError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
         if forced == "flex" and not flex_ok:
             raise ValueError(f"{ENV_VAR}=flex, but this call cannot use FlexAttention (it needs base 'sdpa', no "
                              f"attention_mask, no dropout, no attention weights; got base_is_sdpa={base_is_sdpa}, "

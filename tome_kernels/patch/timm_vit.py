@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from ..backends import check_backend_name
 from ..checks import check_flag
 from .hooks import KeyCapture, call_arguments, original_class, remove_hooks, tome_subclass
-from .options import check_method, with_prop_attn
-from .schedule import RSchedule, dsm_r_per_block, r_per_block
+from .options import check_vision_method
+from .schedule import RSchedule
 from .state import ToMeState
 
 
@@ -208,14 +208,9 @@ def patch_timm(model: nn.Module, r: RSchedule, *, method: str = "tome", preset: 
     check_backend_name(backend)
     check_flag("trace_source", trace_source)
     blocks = _check_model(model)
-    options = check_method(method, ("tome", "pitome", "dsm"), len(blocks), "authors_vit", preset=preset,
-                           margin=margin, alpha=alpha, energy_form=energy_form, split=split, delay=delay,
-                           window=window)
-    options = with_prop_attn(prop_attn, options)
-    if options.method == "dsm":
-        schedule = dsm_r_per_block(r, len(blocks), options.delay)
-    else:
-        schedule = r_per_block(r, len(blocks))
+    options, schedule = check_vision_method(r, len(blocks), prop_attn, method, preset=preset, margin=margin,
+                                            alpha=alpha, energy_form=energy_form, split=split, delay=delay,
+                                            window=window)
     remove(model)
     state = ToMeState(
         schedule,

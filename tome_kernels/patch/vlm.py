@@ -14,7 +14,6 @@ state and the configs, without running the model), ``fit_image_tokens`` shortens
 processor's runs of image ids to it. The tower itself is patched by ``patch.transformers``.
 """
 
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from ..checks import check_choice, check_int, check_int_pair, is_int
 from ..reference import clamp_r
-from .hf_vision import patch_transformers, remove_transformers
+from .hf_vision import modeling_module, patch_transformers, remove_transformers
 from .hooks import original_class, remove_hooks
 from .schedule import dsm_r_per_block, r_per_block
 from .state import ToMeState
@@ -46,15 +45,11 @@ _NOT_SHORTENED = {
 }
 
 
-def _modeling(package: str):
-    return sys.modules.get(f"transformers.models.{package}.modeling_{package}")
-
-
 def llava_model_of(model) -> Optional[nn.Module]:
     """The ``LlavaModel`` of ``model`` (itself, or a ``LlavaForConditionalGeneration``'s
     ``.model``), or None: the classes themselves, not subclasses, whose forward may read the
     features otherwise."""
-    llava = _modeling("llava")
+    llava = modeling_module("llava")
     if llava is None or not isinstance(model, nn.Module):
         return None
     if type(model) is llava.LlavaForConditionalGeneration:
@@ -81,7 +76,7 @@ def _check_llava(model) -> Tuple[nn.Module, nn.Module, int]:
     tower = llava_vision_tower(model)
     name = original_class(tower).__name__ if tower is not None else type(tower).__name__
     entry = _TOWERS.get(name)
-    modeling = None if entry is None else _modeling(entry[0])
+    modeling = None if entry is None else modeling_module(entry[0])
     if entry is None or modeling is None or original_class(tower) is not getattr(modeling, name, None):
         raise ValueError(f"model's vision tower is a {name}; ToMe for LLaVA merges in a "
                          f"{' or '.join(sorted(_TOWERS))} tower")
