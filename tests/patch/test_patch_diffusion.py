@@ -236,20 +236,21 @@ def test_transformer_records_its_4d_input():
     assert seen == {"transformer_blocks.0": 24}
 
 
-def test_dit_patch_tokens_need_latent_size():
-    """DiT's tokens are 2x2 patches of the latent: with max_downsample=1 they count as
-    downsampled (level 2) and are not merged, with a warning, unless latent_size gives the
-    patch grid."""
+def test_dit_tokens_are_the_patch_grid():
+    """DiT's tokens are 2x2 patches of the 8x8 latent: the pass records the 4x4 patch grid,
+    so every block is level 1 and merges with the default max_downsample=1; latent_size,
+    when given, is that grid."""
     model = dit()
     inputs, conditions = dit_inputs()
     expected = run(model, *inputs, **conditions)
     seen = record_tokens(model)
     tome_patch.diffusion(model, 0.5)
-    with pytest.warns(NoMergeWarning, match=r"downsampling 2 .*max_downsample=2 .*latent_size=\(4, 4\)"):
-        assert torch.equal(run(model, *inputs, **conditions), expected) and seen == {"transformer_blocks.0": 16}
+    merged = run(model, *inputs, **conditions)
+    assert not torch.allclose(merged, expected, atol=1e-5) and seen == {"transformer_blocks.0": 8}
+    last = tome_patch.get_state(model).last_pass
+    assert last.recorded_size == (4, 4) and [(c.level, c.grid, c.r) for c in last.blocks] == [(1, (4, 4), 8)]
     tome_patch.diffusion(model, 0.5, latent_size=(4, 4))
-    assert not torch.allclose(run(model, *inputs, **conditions), expected, atol=1e-5)
-    assert seen == {"transformer_blocks.0": 8}
+    assert torch.equal(run(model, *inputs, **conditions), merged)
 
 
 def test_forward_time_errors():
@@ -304,7 +305,7 @@ def test_unsupported_blocks_are_refused(bad_block, reason):
 def test_refused_models():
     with pytest.raises(TypeError, match="model"):
         tome_patch.diffusion(object())
-    with pytest.raises(ValueError, match="no diffusers BasicTransformerBlock"):
+    with pytest.raises(ValueError, match="no diffusers transformer block"):
         tome_patch.diffusion(nn.Linear(4, 4))
     outer = nn.Sequential(make_block())
     tome_patch.diffusion(outer[0])

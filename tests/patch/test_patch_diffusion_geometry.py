@@ -116,16 +116,13 @@ def patch_and_fix(kind):
     if kind == "sdxl":  # no attention at the latent's resolution
         return (sdxl_unet(), sd_inputs(16, 16), {}, {}, r"downsampling 2 \(64 tokens.*max_downsample=2",
                 {"max_downsample": 2})
-    if kind in ("dit", "pixart"):  # tokens of 2x2 patches: level 2
-        model, (args, kwargs) = (dit(), dit_inputs()) if kind == "dit" else (pixart(), pixart_inputs())
-        return model, args, kwargs, {}, r"downsampling 2 \(16 tokens.*max_downsample=2", {"latent_size": (4, 4)}
     # latent_size in image pixels: the 16x16 latent's 256 tokens are "level 8" of 128x128.
     return (sd_unet(), sd_inputs(16, 16), {}, {"latent_size": (128, 128)},
             r"downsampling 8 .*latent_size=\(128, 128\) is not the model's input latent 16x16: is it in image pixels",
             {"latent_size": (16, 16)})
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "dit", "pixart", "latent_size_in_pixels"])
+@pytest.mark.parametrize("kind", ["sdxl", "latent_size_in_pixels"])
 def test_silent_no_ops_warn_once(kind):
     model, args, kwargs, options, message, fix = patch_and_fix(kind)
     if isinstance(args, tuple) and not kwargs:
@@ -183,17 +180,22 @@ def test_a_sub_module_called_alone_is_a_pass_of_its_own():
         run(block, torch.randn(1, 1, 8), encoder_hidden_states=torch.randn(1, 3, 16))
 
 
-def test_tokens_of_no_level_raise():
-    """A DiT with 3x3 patches of a 12x12 latent has a 4x4 grid, which no power-of-two
-    downsampling of 12x12 gives: a ValueError, not a guess; latent_size gives the grid."""
-    model = dit(patch_size=3, sample_size=12)
-    args, kwargs = dit_inputs(12, 12)
+@pytest.mark.parametrize("kind", ["dit", "dit_patch_3", "pixart"])
+def test_patch_embedded_tokens_are_level_1(kind):
+    """A DiT's or PixArt's tokens are its patch grid (here 4x4: 2x2 patches of an 8x8 latent,
+    or 3x3 patches of 12x12, no power-of-two downsampling of it), level 1 in every block, so
+    the default max_downsample merges there."""
+    if kind == "pixart":
+        model, (args, kwargs) = pixart(), pixart_inputs()
+    else:
+        model = dit() if kind == "dit" else dit(patch_size=3, sample_size=12)
+        args, kwargs = dit_inputs() if kind == "dit" else dit_inputs(12, 12)
     tome_patch.diffusion(model, 0.5)
-    with pytest.raises(ValueError, match=r"N=16 .*input latent 12x12 .*d=4: 3x3=9\).*patch size p"):
-        run(model, *args, **kwargs)
-    tome_patch.diffusion(model, 0.5, latent_size=(4, 4))
     run(model, *args, **kwargs)
-    assert tome_patch.get_state(model).last_pass.blocks[0][1:4] == (1, (4, 4), 8)
+    assert {call[1:4] for call in tome_patch.get_state(model).last_pass.blocks} == {(1, (4, 4), 8)}
+
+
+def test_tokens_of_no_level_raise():
     # A latent_size the tokens do not come from is refused, not merged on a wrong grid.
     unet = tome_patch.diffusion(sd_unet(), 0.5, latent_size=(10, 10))
     with pytest.raises(ValueError, match=r"N=256 .*latent_size 10x10"):

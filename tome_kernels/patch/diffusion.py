@@ -34,7 +34,8 @@ from .. import checks
 from ..backends import check_backend_name
 from ..methods import grid_match
 from ..plan import MergePlan
-from .hooks import tome_subclass
+from . import diffusion_attention, diffusion_dit
+from .hooks import call_arguments, original_class, tome_subclass
 
 # The norm types whose forward _merged_forward reproduces: Stable Diffusion 1.x / 2.x, DiT,
 # PixArt. The others (ada_norm, ada_norm_continuous, layer_norm_i2vgen) are refused.
@@ -146,8 +147,12 @@ class DiffusionState:
 
     def __init__(self, ratio: float, *, sx: int, sy: int, max_downsample: int, random_dst: bool, seed: int,
                  merge_attn: bool, merge_crossattn: bool, merge_mlp: bool,
-                 latent_size: Optional[Tuple[int, int]], backend: str):
+                 latent_size: Optional[Tuple[int, int]], backend: str, scheme: str = "merge", grid_from=None):
         self.ratio = ratio
+        self.scheme = scheme
+        # Where a pass's token grid comes from: None, the model's 4-D input latent; an int p,
+        # a patch embedding's p x p patches of it; "img_ids", Flux's image token positions.
+        self.grid_from = grid_from
         self.stride = (sy, sx)
         self.max_downsample = max_downsample
         self.random_dst = random_dst
@@ -196,13 +201,40 @@ class DiffusionState:
         last = self.last_pass
         return None if last is None else last.recorded_size
 
-    def start_pass(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The patched model's forward pre-hook: opens a pass; a 4-D first input is the
-        latent (B, C, H, W). Every pass seeds its own generators, so every pass draws the
-        same random destinations for a given seed."""
+    def start_pass(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The patched model's forward pre-hook: opens a pass, recording its token grid (see
+        ``grid_from``). Every pass seeds its own generators, so every pass draws the same
+        random destinations for a given seed."""
+        self._open_passes().append(DiffusionPass(self._input_grid(model, args, kwargs)))
+
+    def _input_grid(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
+        if self.grid_from == "img_ids":
+            return flux_grid(call_arguments(type(model).forward, model, *args, **kwargs))
         first = _first_tensor(args, kwargs)
-        self._open_passes().append(DiffusionPass(tuple(first.shape[-2:]) if first is not None and first.dim() == 4
-                                                 else None))
+        if first is None or first.dim() != 4:
+            return None
+        height, width = first.shape[-2:]
+        if self.grid_from is None:
+            return height, width
+        # A patch embedding makes (H // p) x (W // p) tokens (a stride-p convolution, or the
+        # reshape of DiT / PixArt, which need H and W divisible by p).
+        return height // self.grid_from, width // self.grid_from
+
+    def begin_call(self, plan: MergePlan) -> None:
+        """A joint block (or a Basic block with the kv scheme) starts a call that merges:
+        its attention processors and feed-forward hooks in this thread read ``plan``."""
+        self._threads.call = plan
+
+    def end_call(self) -> None:
+        self._threads.call = None
+
+    def attention_plan(self) -> Optional[MergePlan]:
+        """The plan the running block call's attention merges with, or None."""
+        return getattr(self._threads, "call", None) if self.merge_attn else None
+
+    def mlp_plan(self) -> Optional[MergePlan]:
+        """The plan the running block call's feed-forward merges with, or None."""
+        return getattr(self._threads, "call", None) if self.merge_mlp else None
 
     def end_pass(self, _model: nn.Module, _args: tuple, _kwargs: dict, output) -> None:
         """The patched model's forward hook (always called, also when the forward raised):
@@ -277,7 +309,7 @@ class DiffusionState:
             return None, (side, side)
         level = downsample_level(size, tokens)
         if level is None:
-            source = "latent_size" if self.latent_size else "the model's input latent"
+            source = "latent_size" if self.latent_size else self._grid_source()
             counts, downsample = [], 1
             while not counts or counts[-1][1] * counts[-1][2] > max(tokens, 1):
                 counts.append((downsample, *level_grid(size, downsample)))
@@ -289,6 +321,13 @@ class DiffusionState:
                 "these tokens come from as latent_size (for a patch embedding of patch size p, the latent's size "
                 "divided by p)")
         return level, level_grid(size, level)
+
+    def _grid_source(self) -> str:
+        if self.grid_from == "img_ids":
+            return "the image token grid of img_ids"
+        if self.grid_from is not None:
+            return f"the model's grid of {self.grid_from}x{self.grid_from} patches"
+        return "the model's input latent"
 
     def _warn_if_nothing_merged(self, finished: DiffusionPass) -> None:
         if self.ratio > 0 and not finished.merged:
@@ -326,9 +365,8 @@ class DiffusionState:
         message = (f"no patched block ran at a downsampling <= max_downsample={self.max_downsample}: the highest-"
                    f"resolution one ran at downsampling {call.level} ({call.tokens} tokens, "
                    f"the {size[0]}x{size[1]} latent as a {height}x{width} grid); patch with max_downsample="
-                   f"{call.level} to merge there (a UNet's level {call.level}, or a transformer's patch embedding of "
-                   f"patch size {call.level} such as DiT's or PixArt's, which latent_size=({height}, {width}), its "
-                   "patch grid, makes level 1)")
+                   f"{call.level} to merge there (a UNet's level {call.level}; for tokens of {call.level}x{call.level} "
+                   f"patches, latent_size=({height}, {width}), the patch grid, makes them level 1)")
         if self.latent_size is not None:
             recorded = finished.recorded_size
             if recorded is not None and tuple(recorded) != self.latent_size:
@@ -339,8 +377,26 @@ class DiffusionState:
                             "(the image's size / 8 for Stable Diffusion's VAE)")
         return "deep", message
 
+def flux_grid(arguments: dict) -> Optional[Tuple[int, int]]:
+    """The (h, w) grid of a Flux transformer call's image tokens, from its ``img_ids`` (N, 3)
+    (or (B, N, 3), deprecated): (0, row, col) per token, row-major, as Flux pipelines make
+    them. None when that is not a whole grid of the call's N image tokens (a Kontext
+    reference image, custom ids): the blocks then ask for ``latent_size``."""
+    ids, hidden_states = arguments.get("img_ids"), arguments.get("hidden_states")
+    if not isinstance(ids, Tensor) or not isinstance(hidden_states, Tensor) or ids.shape[-1] != 3:
+        return None
+    ids = ids[0] if ids.dim() == 3 else ids
+    # One host sync per denoising step: the grid decides the plan's shapes.
+    height, width = (int(v) + 1 for v in ids[:, 1:].amax(dim=0).tolist())
+    if height * width != hidden_states.shape[1] or ids.shape[0] != height * width:
+        return None
+    return height, width
+
+
 class _ToMeBasicTransformerBlock:
-    """BasicTransformerBlock.forward, with merging wherever a plan is made."""
+    """BasicTransformerBlock.forward, with merging wherever a plan is made: the merge scheme
+    merges in ``_merged_forward``; the kv scheme runs diffusers' forward, whose self-attention
+    processor (``diffusion_attention.BasicSelfAttnProcessor``) merges the keys and values."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
@@ -351,6 +407,13 @@ class _ToMeBasicTransformerBlock:
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                    timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
         state = self._tome_diffusion
+        if state.scheme == "kv":
+            state.begin_call(plan)
+            try:
+                return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                       timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+            finally:
+                state.end_call()
         return _merged_forward(self, plan, hidden_states, attention_mask, encoder_hidden_states,
                                encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
                                merge_attn=state.merge_attn, merge_crossattn=state.merge_crossattn,
@@ -470,30 +533,94 @@ def _block_problem(block: nn.Module) -> Optional[str]:
     return None
 
 
-def _check_model(model: nn.Module, random_dst: bool) -> List[nn.Module]:
-    """The model's BasicTransformerBlocks, all patchable, or the reason why not."""
+# The scheme="auto" of each block class, and the measurement (or reason) behind it.
+DEFAULT_SCHEMES: Dict[str, Tuple[str, str]] = {
+    "BasicTransformerBlock": ("merge", "tomesd's own scheme, which tome_kernels reproduces to rounding "
+                                       "(tests/reference/test_tomesd_authors.py)"),
+    "JointTransformerBlock": ("merge", "PENDING: python -m benchmarks.e2e_dit"),
+    "FluxTransformerBlock": ("merge", "PENDING: python -m benchmarks.e2e_dit"),
+    "FluxSingleTransformerBlock": ("merge", "PENDING: python -m benchmarks.e2e_dit"),
+}
+
+
+def _unsupported_block(module: nn.Module) -> bool:
+    """A diffusers transformer block of a class this patch does not handle (Wan, HunyuanDiT,
+    the temporal blocks...): refused by name rather than silently left unmerged."""
+    cls = original_class(module)
+    return cls.__module__.startswith("diffusers.") and cls.__name__.endswith("TransformerBlock")
+
+
+def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_crossattn: bool,
+                 merge_mlp: bool) -> Tuple[List[nn.Module], str]:
+    """The model's blocks to patch, all patchable, and the scheme they take; or the reason why
+    not, as a ValueError."""
     from diffusers.models.attention import BasicTransformerBlock
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     own_state = getattr(model, "_tome_state", None)
+    joint_classes = diffusion_dit.dit_block_classes()
     blocks = []
     for name, module in model.named_modules():
-        if not isinstance(module, BasicTransformerBlock):
-            continue
         where = f"model.{name}" if name else "model"
-        problem = _block_problem(module)
+        if isinstance(module, BasicTransformerBlock):
+            problem = _block_problem(module)
+        elif isinstance(module, joint_classes):
+            problem = None
+        elif _unsupported_block(module):
+            raise ValueError(f"{where} is a diffusers {original_class(module).__name__}, which "
+                             "tome_kernels.patch.diffusion does not support (supported: BasicTransformerBlock, "
+                             "JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)")
+        else:
+            continue
         if problem is not None:
             raise ValueError(f"{where} {problem}: tome_kernels.patch.diffusion cannot patch it")
         if getattr(module, "_tome_diffusion", own_state) is not own_state:
             raise ValueError(f"{where} is already patched through another module; remove that patch first")
-        blocks.append(module)
+        blocks.append((where, module))
     if not blocks:
-        raise ValueError(f"model ({type(model).__name__}) contains no diffusers BasicTransformerBlock to patch")
+        raise ValueError(f"model ({type(model).__name__}) contains no diffusers transformer block to patch "
+                         "(BasicTransformerBlock, JointTransformerBlock, FluxTransformerBlock, "
+                         "FluxSingleTransformerBlock)")
+    chosen = {DEFAULT_SCHEMES[original_class(m).__name__][0] if scheme == "auto" else scheme for _, m in blocks}
+    if len(chosen) > 1:
+        raise ValueError(f"scheme='auto' picks {' and '.join(sorted(chosen))} for this model's blocks; pass "
+                         "scheme='merge' or 'kv'")
+    scheme = chosen.pop()
+    joint = [(where, m) for where, m in blocks if isinstance(m, joint_classes)]
+    for where, module in blocks:
+        problem = (diffusion_dit.block_problem(module, scheme, merge_mlp) if isinstance(module, joint_classes)
+                   else diffusion_dit.basic_kv_problem(module) if scheme == "kv" else None)
+        if problem is not None:
+            raise ValueError(f"{where} {problem}: tome_kernels.patch.diffusion cannot patch it with "
+                             f"scheme={scheme!r}")
+    if scheme == "kv" and (merge_mlp or merge_crossattn):
+        raise ValueError("merge_mlp and merge_crossattn apply to scheme='merge': the kv scheme merges only the "
+                         "self-attention's keys and values, and every token keeps its own output")
+    if merge_crossattn and len(joint) == len(blocks):
+        raise ValueError(f"merge_crossattn=True: {joint[0][0]} and the model's other blocks are joint text-image "
+                         "blocks, which have no cross-attention (their one attention merges with merge_attn)")
     if random_dst and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("model has gradient checkpointing on: recomputing a block would draw other random "
                          "destinations; turn it off or patch with random_dst=False")
-    return blocks
+    return [m for _, m in blocks], scheme
+
+
+def _grid_from(model: nn.Module):
+    """Where a pass of ``model`` finds its token grid (``DiffusionState.grid_from``): Flux's
+    ``img_ids``; the patch size of a patch-embedded transformer (DiT, PixArt, SD3, a
+    Transformer2DModel fed patches), so that its tokens are level 1, the top of the model;
+    else None, the 4-D input latent itself (a UNet)."""
+    import diffusers
+
+    if isinstance(model, diffusers.FluxTransformer2DModel):
+        return "img_ids"
+    patch_models = (diffusers.DiTTransformer2DModel, diffusers.PixArtTransformer2DModel,
+                    diffusers.SD3Transformer2DModel)
+    if isinstance(model, patch_models) or (isinstance(model, diffusers.Transformer2DModel) and
+                                           getattr(model, "is_input_patches", False)):
+        return int(model.config.patch_size)
+    return None
 
 
 def pipeline_denoiser(pipe) -> Optional[nn.Module]:
@@ -515,35 +642,45 @@ def pipeline_denoiser(pipe) -> Optional[nn.Module]:
 
 
 def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: int = 2, max_downsample: int = 1,
-                    random_dst: bool = True, seed: int = 0, merge_attn: bool = True, merge_crossattn: bool = False,
-                    merge_mlp: bool = False, latent_size=None, backend: str = "auto") -> nn.Module:
-    """Patch every diffusers ``BasicTransformerBlock`` of ``model`` in place to merge tokens
-    as tomesd does; returns the model.
+                    random_dst: bool = True, seed: int = 0, scheme: str = "auto", merge_attn: bool = True,
+                    merge_crossattn: bool = False, merge_mlp: bool = False, latent_size=None,
+                    backend: str = "auto") -> nn.Module:
+    """Patch the transformer blocks of a diffusers model in place to merge image tokens
+    (Bolya & Hoffman 2023, "Token Merging for Fast Stable Diffusion"); returns the model.
 
     Args:
-        model: any module holding BasicTransformerBlocks: a UNet2DConditionModel, a
-            Transformer2DModel, a bare block; or a diffusers pipeline, whose ``unet`` (else
-            ``transformer``) is patched (as tomesd's ``apply_patch(pipe)``); the pipeline
-            is returned.
-        ratio: the fraction of a block's N tokens to merge, r = int(N * ratio) (clamped to the
-            tokens that are not destinations).
+        model: any module holding diffusers ``BasicTransformerBlock``s (a UNet2DConditionModel,
+            a DiT / PixArt transformer, a bare block) or joint text-image blocks (an
+            SD3Transformer2DModel's ``JointTransformerBlock``s, a FluxTransformer2DModel's
+            double- and single-stream blocks); or a diffusers pipeline, whose ``unet`` (else
+            ``transformer``) is patched (as tomesd's ``apply_patch(pipe)``); the pipeline is
+            returned.
+        ratio: the fraction of a block's N image tokens to merge, r = int(N * ratio) (clamped
+            to the tokens that are not destinations).
         sx, sy: the stride of the partition: one destination per sy x sx window.
         max_downsample: merge only in blocks whose tokens are the latent downsampled at most
             this much: a power of two (1: only the highest resolution; 2, 4, 8 go deeper). A
             block's level is the smallest power of two d with ceil(H / d) * ceil(W / d) == N.
+            A patch-embedded transformer's tokens are its patch grid, level 1, in every block.
         random_dst: each window's destination at a random offset (else its top-left token).
         seed: seeds the random destinations at the start of every forward of ``model``.
-        merge_attn, merge_crossattn, merge_mlp: which parts run on the merged tokens.
-        latent_size: the latent's (H, W), when the model's first input is not the 4-D
-            latent (a bare block, a transformer fed tokens, a patch embedding).
+        scheme: "merge" (merge before the attention, unmerge after: tomesd), "kv" (merge the
+            self-attention's keys and values only, with proportional attention; nothing to
+            unmerge), or "auto": each block class's entry in ``DEFAULT_SCHEMES``.
+        merge_attn, merge_crossattn, merge_mlp: which parts run on the merged tokens
+            (merge_crossattn: a BasicTransformerBlock's cross-attention; merge_crossattn and
+            merge_mlp: scheme "merge" only).
+        latent_size: the token grid's source, when the model's input does not give it: the
+            latent's (H, W) (a bare block, a transformer fed tokens), or for a Flux
+            transformer its image tokens' (h, w) grid.
         backend: the merge backend, as in ``grid_match``.
 
     A patched model patched again is first restored, so the new settings replace the old.
     ``tome_kernels.patch.remove(model)`` undoes the patch.
 
     Raises:
-        TypeError, ValueError: a bad argument (named in the message), an unsupported block, or
-            a model with none; the model is then left as it was.
+        TypeError, ValueError: a bad argument (named in the message), an unsupported block
+            (named), or a model with none; the model is then left as it was.
 
     At call time, a block raises a ValueError when its N tokens are no power-of-two
     downsampling of the latent (give ``latent_size``), and a forward pass with ratio > 0
@@ -554,10 +691,14 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
     denoiser = pipeline_denoiser(model)
     if denoiser is not None:
         patch_diffusion(denoiser, ratio, sx=sx, sy=sy, max_downsample=max_downsample, random_dst=random_dst, seed=seed,
-                        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
+                        scheme=scheme, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
                         latent_size=latent_size, backend=backend)
         return model
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a str, got {type(scheme).__name__}")
+    if scheme not in ("auto", *diffusion_attention.SCHEMES):
+        raise ValueError(f"scheme must be 'auto', 'merge' or 'kv', got {scheme!r}")
     settings = dict(
         sx=checks.check_int("sx", sx, 1), sy=checks.check_int("sy", sy, 1),
         max_downsample=_check_max_downsample(max_downsample),
@@ -569,17 +710,25 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
         backend=check_backend_name(backend),
     )
     ratio = _check_ratio(ratio)
-    blocks = _check_model(model, random_dst)
+    blocks, settings["scheme"] = _check_model(model, random_dst=random_dst, scheme=scheme,
+                                              merge_crossattn=merge_crossattn, merge_mlp=merge_mlp)
     remove(model)
-    state = DiffusionState(ratio, **settings)
+    state = DiffusionState(ratio, grid_from=_grid_from(model), **settings)
     state.undo = remove_diffusion
     # Bound methods of the state, not closures: a deep copy of the model gets hooks bound to
     # the copy's state, and pickle saves them by reference to it.
-    state.hooks = (model.register_forward_pre_hook(state.start_pass, with_kwargs=True),
-                   model.register_forward_hook(state.end_pass, with_kwargs=True, always_call=True))
+    handles = [model.register_forward_pre_hook(state.start_pass, with_kwargs=True),
+               model.register_forward_hook(state.end_pass, with_kwargs=True, always_call=True)]
+    joint_classes = diffusion_dit.dit_block_classes()
     for block in blocks:
+        if isinstance(block, joint_classes):
+            handles += diffusion_dit.install(block, state)
+            continue
+        if state.scheme == "kv":
+            block.attn1.set_processor(diffusion_attention.BasicSelfAttnProcessor(block.attn1.processor, state))
         block._tome_diffusion = state
         block.__class__ = tome_subclass(type(block), _ToMeBasicTransformerBlock)
+    state.hooks = tuple(handles)
     model._tome_state = state
     return model
 
@@ -591,6 +740,7 @@ def remove_diffusion(model: nn.Module) -> None:
         handle.remove()
     for module in model.modules():
         if getattr(module, "_tome_diffusion", None) is state:
+            diffusion_dit.restore_processors(module)
             module.__class__ = type(module)._tome_original_class
             del module._tome_diffusion
     del model._tome_state
