@@ -606,6 +606,28 @@ def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_cross
     return [m for _, m in blocks], scheme
 
 
+def _select_blocks(blocks: List[nn.Module], selection) -> List[nn.Module]:
+    """The blocks ``selection`` names: None, all; else indices (negative from the end) into
+    ``blocks``, the model's supported blocks in module order."""
+    if selection is None:
+        return blocks
+    if isinstance(selection, (str, bytes, Tensor)) or not hasattr(selection, "__iter__"):
+        raise TypeError(f"blocks must be None or a sequence of block indices, got {type(selection).__name__}")
+    chosen = []
+    for index in selection:
+        if not checks.is_int(index):
+            raise TypeError(f"blocks must hold ints (block indices), got {type(index).__name__}")
+        index = int(index)
+        if not -len(blocks) <= index < len(blocks):
+            raise ValueError(f"blocks: index {index} is out of range for the model's {len(blocks)} blocks")
+        if blocks[index] in chosen:
+            raise ValueError(f"blocks: block {index % len(blocks)} is named twice")
+        chosen.append(blocks[index])
+    if not chosen:
+        raise ValueError("blocks is empty: no block would merge (pass None for every block)")
+    return [block for block in blocks if block in chosen]
+
+
 def _grid_from(model: nn.Module):
     """Where a pass of ``model`` finds its token grid (``DiffusionState.grid_from``): Flux's
     ``img_ids``; the patch size of a patch-embedded transformer (DiT, PixArt, SD3, a
@@ -643,7 +665,7 @@ def pipeline_denoiser(pipe) -> Optional[nn.Module]:
 
 def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: int = 2, max_downsample: int = 1,
                     random_dst: bool = True, seed: int = 0, scheme: str = "auto", merge_attn: bool = True,
-                    merge_crossattn: bool = False, merge_mlp: bool = False, latent_size=None,
+                    merge_crossattn: bool = False, merge_mlp: bool = False, latent_size=None, blocks=None,
                     backend: str = "auto") -> nn.Module:
     """Patch the transformer blocks of a diffusers model in place to merge image tokens
     (Bolya & Hoffman 2023, "Token Merging for Fast Stable Diffusion"); returns the model.
@@ -670,9 +692,13 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
         merge_attn, merge_crossattn, merge_mlp: which parts run on the merged tokens
             (merge_crossattn: a BasicTransformerBlock's cross-attention; merge_crossattn and
             merge_mlp: scheme "merge" only).
-        latent_size: the token grid's source, when the model's input does not give it: the
-            latent's (H, W) (a bare block, a transformer fed tokens), or for a Flux
-            transformer its image tokens' (h, w) grid.
+        latent_size: the level-1 grid's (H, W), when the model's input does not give it: the
+            latent's (a bare block, a transformer fed tokens), a patch-embedded transformer's
+            patch grid, a Flux transformer's image token grid.
+        blocks: which of the model's supported blocks merge (in module order; Flux: the
+            double-stream blocks, then the single-stream ones): None, all; or their indices,
+            negative from the end. The diffusion transformers' counterpart of
+            ``max_downsample``, as all their blocks see one grid. The others stay unpatched.
         backend: the merge backend, as in ``grid_match``.
 
     A patched model patched again is first restored, so the new settings replace the old.
@@ -692,7 +718,7 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
     if denoiser is not None:
         patch_diffusion(denoiser, ratio, sx=sx, sy=sy, max_downsample=max_downsample, random_dst=random_dst, seed=seed,
                         scheme=scheme, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
-                        latent_size=latent_size, backend=backend)
+                        latent_size=latent_size, blocks=blocks, backend=backend)
         return model
     # Everything is checked before anything changes, so a bad argument leaves the model as it was.
     if not isinstance(scheme, str):
@@ -710,17 +736,20 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
         backend=check_backend_name(backend),
     )
     ratio = _check_ratio(ratio)
-    blocks, settings["scheme"] = _check_model(model, random_dst=random_dst, scheme=scheme,
-                                              merge_crossattn=merge_crossattn, merge_mlp=merge_mlp)
+    found, settings["scheme"] = _check_model(model, random_dst=random_dst, scheme=scheme,
+                                             merge_crossattn=merge_crossattn, merge_mlp=merge_mlp)
+    selected = _select_blocks(found, blocks)
     remove(model)
     state = DiffusionState(ratio, grid_from=_grid_from(model), **settings)
+    # Which blocks merge, as indices into the model's supported blocks (None: all).
+    state.blocks = None if blocks is None else tuple(found.index(block) for block in selected)
     state.undo = remove_diffusion
     # Bound methods of the state, not closures: a deep copy of the model gets hooks bound to
     # the copy's state, and pickle saves them by reference to it.
     handles = [model.register_forward_pre_hook(state.start_pass, with_kwargs=True),
                model.register_forward_hook(state.end_pass, with_kwargs=True, always_call=True)]
     joint_classes = diffusion_dit.dit_block_classes()
-    for block in blocks:
+    for block in selected:
         if isinstance(block, joint_classes):
             handles += diffusion_dit.install(block, state)
             continue
