@@ -48,6 +48,11 @@ STATED = [
         "per_image, merged, tuple(inputs['input_ids'].shape)": [64, 54, [1, 59]],
         "tuple(out.shape)": [1, 63],
     },
+    {  # Diffusion models
+        "tuple(kv.shape), [(c.tokens, list(c.grid), c.r) for c in calls]": [[2, 16, 32, 32],
+                                                                          [[256, [16, 16], 128], [256, [16, 16], 128]]],
+        "torch.equal(restored, unpatched), distance(kv) < distance(merged)": [True, True],
+    },
     {  # Backends
         "sorted(available_backends())": ["cpu", "cuda", "reference", "triton"],
     },
