@@ -29,6 +29,10 @@ mask, and compiled FlexAttention; its own table and JSON (prop_attn_<device>_<ti
 only on request (``bash scripts/bench.sh e2e --prop-attn``): its compiles would add minutes to
 the main job.
 
+Diffusion transformers (``--dit [ARGS]``, benchmarks/e2e_dit.py): one denoising step of SD3 and
+Flux, unpatched and through ``tome_kernels.patch.diffusion`` with each scheme; its own table and
+JSON (e2e_dit_<device>_<time>.json), run only on request.
+
 Merge share: the first, untimed forward pass of each patched model (an extra eager one under
 --compile) records every block's merge inputs (tokens, keys, sizes, r); each block's merge is
 then re-run alone, with the same backend and timer, and the sum of the per-block medians is
@@ -104,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prop-attn", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="run only the proportional-attention table (python -m benchmarks.prop_attn ARGS; "
                         "--prop-attn --help lists them); must come last")
+    # The diffusion transformers' table (benchmarks/e2e_dit.py): SD3 and Flux, a separate invocation.
+    p.add_argument("--dit", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="run only the diffusion transformers' table (python -m benchmarks.e2e_dit ARGS; "
+                        "--dit --help lists them); must come last")
     return p.parse_args(argv)
 
 
@@ -433,6 +441,9 @@ def main(argv=None) -> Dict:
     if args.prop_attn is not None:
         from . import prop_attn
         return prop_attn.main(args.prop_attn)
+    if args.dit is not None:
+        from . import e2e_dit
+        return e2e_dit.main(args.dit)
     results = run(args)
     results["command"] = " ".join(["python -m benchmarks.e2e_vit"] + (sys.argv[1:] if argv is None else list(argv)))
     results["arguments"] = vars(args)

@@ -130,3 +130,57 @@ def record_tokens(model, part="attn1"):
             getattr(module, part).register_forward_pre_hook(
                 lambda _m, args, name=name: seen.__setitem__(name, args[0].shape[1]))
     return seen
+
+
+# SD3 and Flux (joint text-image blocks), tiny. TEXT text tokens, JOINT_DIM their channels.
+TEXT, JOINT_DIM = 5, 16
+
+
+def sd3(dual_attention_layers=(), num_layers=2):
+    """An SD3 transformer (SD3.5 with ``dual_attention_layers``), qk_norm="rms_norm": its
+    16x16 latent is an 8x8 grid of 2x2 patches; the last block is context_pre_only."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=num_layers,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                                 caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                 pos_embed_max_size=16, dual_attention_layers=tuple(dual_attention_layers),
+                                 qk_norm="rms_norm").eval()
+
+
+def sd3_inputs(height=16, width=16, batch=2, seed=7):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, height, width, generator=generator)
+    return (sample,), dict(encoder_hidden_states=torch.randn(batch, TEXT, JOINT_DIM, generator=generator),
+                           pooled_projections=torch.randn(batch, 8, generator=generator),
+                           timestep=torch.arange(batch, dtype=torch.float32) * 250 + 3)
+
+
+def flux(num_single_layers=1):
+    """A Flux transformer: one double-stream block, ``num_single_layers`` single-stream ones,
+    rotary embeddings over (0, row, col) ids."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=num_single_layers,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                                  pooled_projection_dim=8, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def flux_ids(height, width, first=0):
+    """(height * width, 3) image ids (first, row, col), row-major, as Flux pipelines make them."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 0] = first
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None]
+    return ids.reshape(-1, 3)
+
+
+def flux_inputs(height=8, width=8, batch=2, seed=8):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, height * width, 16, generator=generator)
+    return (latents,), dict(encoder_hidden_states=torch.randn(batch, TEXT, JOINT_DIM, generator=generator),
+                            pooled_projections=torch.randn(batch, 8, generator=generator),
+                            timestep=torch.arange(batch, dtype=torch.float32) * 0.25 + 0.1,
+                            img_ids=flux_ids(height, width), txt_ids=torch.zeros(TEXT, 3))

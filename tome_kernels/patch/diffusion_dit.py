@@ -58,6 +58,11 @@ def mlp_module(block: nn.Module) -> nn.Module:
     return block.proj_mlp if hasattr(block, "proj_mlp") else block.ff
 
 
+def unwrapped(processor):
+    """The processor a patch wrapped (a patched model is checked again when patched again)."""
+    return processor.original if isinstance(processor, diffusion_attention._Wrapper) else processor
+
+
 def block_problem(block: nn.Module, scheme: str, merge_mlp: bool) -> Optional[str]:
     """Why a joint block cannot be patched, or None."""
     cls = original_class(block)
@@ -67,9 +72,7 @@ def block_problem(block: nn.Module, scheme: str, merge_mlp: bool) -> Optional[st
         return f"is a {cls.__name__}, a subclass with its own forward"
     processor_class, _ = expected[base]
     for name, attention in attentions(block):
-        processor = attention.processor
-        processor = getattr(processor, "original", processor) if isinstance(processor, diffusion_attention._Wrapper) \
-            else processor
+        processor = unwrapped(attention.processor)
         if type(processor) is not processor_class:
             return (f"has {name}.processor {type(processor).__name__}; the merged attention reproduces "
                     f"{processor_class.__name__} only (IP-Adapter, fused or custom processors are not supported)")
@@ -89,9 +92,7 @@ def basic_kv_problem(block: nn.Module) -> Optional[str]:
     if block.only_cross_attention:
         return "has only_cross_attention: its first attention's keys are the text, none to merge"
     attention = block.attn1
-    processor = attention.processor
-    if isinstance(processor, diffusion_attention._Wrapper):
-        processor = processor.original
+    processor = unwrapped(attention.processor)
     if type(processor) is not AttnProcessor2_0:
         return (f"has attn1.processor {type(processor).__name__}; the kv scheme reproduces AttnProcessor2_0 "
                 "only")
