@@ -616,9 +616,8 @@ def test_flux_ids_not_a_grid_ask_for_latent_size():
     assert [(call.tokens, call.grid) for call in last_blocks(model)] == [(120, (12, 10))] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="see bug 1 in /tmp/dit/bugs_tests.md: a square total falls back to a "
-                                       "square grid although img_ids say it is not one")
 def test_flux_ids_not_a_grid_ask_for_latent_size_even_when_square():
+    """Not the square fallback of a bare block: the ids said the tokens are no one grid."""
     model = flux()
     # A 4x4 image and a 4x5 reference: 36 tokens, which the square fallback takes as 6x6.
     latents, kwargs = _kontext_inputs(4, 4, 4, 5)

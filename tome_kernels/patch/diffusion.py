@@ -301,6 +301,12 @@ class DiffusionState:
                 downsampling of the latent has N tokens (the tokens come from another grid).
         """
         size = self.latent_size or recorded_size
+        if size is None and self.grid_from == "img_ids":
+            # Flux's ids were no whole grid (flux_grid): a square guess could merge a reference
+            # image's tokens as if they were rows of the generated one.
+            raise ValueError(f"a block has N={tokens} image tokens, but the call's img_ids are not one row-major "
+                             "(h, w) grid of them (a Kontext reference image, custom ids): patch it with "
+                             "latent_size=(h, w), the grid the tokens form")
         if size is None:
             side = math.isqrt(tokens)
             if side * side != tokens:
