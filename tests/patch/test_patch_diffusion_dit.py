@@ -624,3 +624,32 @@ def test_flux_ids_not_a_grid_ask_for_latent_size_even_when_square():
     tome_patch.diffusion(model, 0.5, scheme="merge", seed=1)
     with pytest.raises(ValueError, match="latent_size"):
         run(model, latents, **kwargs)
+
+
+# --- blocks=: which blocks merge ---------------------------------------------------------------
+
+@pytest.mark.parametrize("selection, merging", [((-1,), [False, True]), ([0], [True, False]), (range(2), [True, True])])
+def test_blocks_selects_which_blocks_merge(selection, merging):
+    """Flux's blocks in module order: the double-stream block, then the single-stream one;
+    an unselected block is left unpatched (its own class and processor)."""
+    model, args, kwargs = case("flux")
+    tome_patch.diffusion(model, 0.5, blocks=selection)
+    run(model, *args, **kwargs)
+    assert [call.r > 0 for call in last_blocks(model)] == [m for m in merging if m]
+    assert [type(b) is not tome_patch.hooks.original_class(b) for b in blocks_of(model)] == merging
+    assert tome_patch.get_state(model).blocks == tuple(i for i, m in enumerate(merging) if m)
+
+
+@pytest.mark.parametrize("selection, error, words", [
+    ([2], ValueError, "index 2 is out of range for the model's 2 blocks"),
+    ([0, -2], ValueError, "block 0 is named twice"),
+    ([], ValueError, "blocks is empty"),
+    ([True], TypeError, "blocks must hold ints"),
+    ("0", TypeError, "blocks must be None or a sequence"),
+])
+def test_bad_blocks_refused_and_the_model_left(selection, error, words):
+    model = flux()
+    before = _snapshot(model)
+    with pytest.raises(error, match=words):
+        tome_patch.diffusion(model, 0.5, blocks=selection)
+    _assert_unchanged(model, before)
