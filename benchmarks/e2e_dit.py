@@ -31,7 +31,7 @@ Per row: the step's median time and spread over ``--reps`` (raw times kept; a wi
 or busy row is measured again, spread.py), the speed-up over the unpatched row, the
 attention share (torch.profiler over one extra step: on a CPU the CPU time of the
 ``aten::scaled_dot_product_attention`` ops, children included, over that step's wall time;
-on a GPU their device time over the device time of every op's own kernels), the relative L2
+on a GPU their kernels' time over the time of every kernel on the device), the relative L2
 distance ||out - ref|| / ||ref|| of the transformer's ``sample`` to the unpatched one on the
 same inputs (in float64 from the model's dtype), and per patched block (from
 ``tome_kernels.patch.get_state(model).last_pass.blocks``) its N image tokens, r, and the
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd import DeviceType
 
 import tome_kernels.patch
 
@@ -230,10 +231,18 @@ def attention_time(model, inputs: Dict, device: torch.device) -> Dict:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
         events = prof.events()
+    return attention_share(events, wall, on_gpu)
+
+
+def attention_share(events, wall: float, on_gpu: bool) -> Dict:
+    """The SDPA ops' time from a profile's events, and its share: on a GPU, their kernels' time
+    (``device_time_total``: each op's kernels and its children's) over every kernel's (the
+    events on the device: the CPU ops carry copies of their kernels, which would count twice);
+    on a CPU, their CPU time, children included, over the step's wall time."""
     sdpa = [e for e in events if e.name == SDPA_OP]
     if on_gpu:
         attn = sum(e.device_time_total for e in sdpa) / 1e6
-        total = sum(e.self_device_time_total for e in events) / 1e6
+        total = sum(e.device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6
     else:
         attn, total = sum(e.cpu_time_total for e in sdpa) / 1e6, wall
     return {"attn_s": attn, "profiled_total_s": total, "profiled_wall_s": wall, "sdpa_calls": len(sdpa),
@@ -332,8 +341,8 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
                 "model_warmup": {"max_steps": args.model_warmup, "tolerance": WARM_TOLERANCE},
                 "step": "one transformer forward (one denoising step) under torch.no_grad",
                 "attention_share": ("torch.profiler over one extra step: device time of the aten::"
-                                    "scaled_dot_product_attention ops over the device time of every op's own "
-                                    "kernels" if on_gpu else
+                                    "scaled_dot_product_attention ops' kernels over the time of every kernel "
+                                    "on the device" if on_gpu else
                                     "torch.profiler over one extra step: CPU time of the aten::"
                                     "scaled_dot_product_attention ops (children included) over the step's wall "
                                     "time"),

@@ -69,3 +69,21 @@ def test_reachable_from_e2e_vit(capsys):
     results = e2e_vit.main(["--dit"] + FAST + ["--models", "sd3", "--schemes", "kv", "--deadline-s", "0",
                                                "--no-save"])
     assert results["benchmark"] == "e2e_dit" and len(results["rows"]) == 2
+
+
+def test_attention_share_on_a_gpu_counts_each_kernel_once():
+    """A profile on a GPU lists each kernel twice: as a device event, and attached to the CPU op that
+    launched it. The share counts the SDPA op's kernels over the device events only."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, device_us, cpu_us=0.0):
+        return SimpleNamespace(name=name, device_type=device_type, device_time_total=device_us, cpu_time_total=cpu_us)
+
+    events = [event(e2e_dit.SDPA_OP, DeviceType.CPU, 30.0, 40.0), event("flash_kernel", DeviceType.CUDA, 30.0),
+              event("aten::mm", DeviceType.CPU, 70.0, 10.0), event("gemm_kernel", DeviceType.CUDA, 70.0)]
+    gpu = e2e_dit.attention_share(events, wall=1.0, on_gpu=True)
+    assert gpu["attn_share"] == pytest.approx(0.3) and gpu["sdpa_calls"] == 1
+    cpu = e2e_dit.attention_share(events, wall=1e-4, on_gpu=False)
+    assert cpu["attn_share"] == pytest.approx(0.4) and cpu["profiled_total_s"] == 1e-4
