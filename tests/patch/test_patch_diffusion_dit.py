@@ -653,3 +653,23 @@ def test_bad_blocks_refused_and_the_model_left(selection, error, words):
     with pytest.raises(error, match=words):
         tome_patch.diffusion(model, 0.5, blocks=selection)
     _assert_unchanged(model, before)
+
+
+# --- scheme="auto" ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [("sd3", "kv"), ("flux", "kv"), ("pixart", "merge"), ("dit", "merge")])
+def test_auto_takes_each_block_class_default(name, expected):
+    """The table's entry for the model's blocks, each entry naming its evidence."""
+    from tome_kernels.patch.diffusion import DEFAULT_SCHEMES
+
+    model, args, kwargs = case(name)
+    assert tome_patch.get_state(tome_patch.diffusion(model, 0.5)).scheme == expected
+    assert {DEFAULT_SCHEMES[type(b).__name__][0] for b in blocks_of(model)} == {expected}
+    assert all(DEFAULT_SCHEMES[type(b).__name__][1] for b in blocks_of(model))
+
+
+def test_auto_kv_with_merge_mlp_says_to_pass_merge():
+    model = sd3()
+    with pytest.raises(ValueError, match="scheme='auto' chose 'kv' for this model; pass scheme='merge'"):
+        tome_patch.diffusion(model, 0.5, merge_mlp=True)
+    assert tome_patch.get_state(tome_patch.diffusion(model, 0.5, scheme="merge", merge_mlp=True)).merge_mlp

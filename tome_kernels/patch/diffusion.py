@@ -540,12 +540,18 @@ def _block_problem(block: nn.Module) -> Optional[str]:
 
 
 # The scheme="auto" of each block class, and the measurement (or reason) behind it.
+_JOINT_EVIDENCE = ("kv: python -m benchmarks.e2e_dit --threads 2 (two runs, 2026-12-01, benchmarks/results/"
+                   "e2e_dit_cpu_amd-epyc_20261201T043725Z.json and ..T043942Z.json; table in docs/diffusion.md): "
+                   "at ratios 0.3 and 0.5 the two schemes' step times were within the runs' noise of each other "
+                   "(1-8%, the order flipping between ratios; attention is 13-19% of a CPU step), and kv's output "
+                   "was 11-13x (SD3) and 2x (Flux) closer to the unpatched one; no GPU measurement yet "
+                   "(scripts/gpu_checks.py's e2e_dit step)")
 DEFAULT_SCHEMES: Dict[str, Tuple[str, str]] = {
-    "BasicTransformerBlock": ("merge", "tomesd's own scheme, which tome_kernels reproduces to rounding "
-                                       "(tests/reference/test_tomesd_authors.py)"),
-    "JointTransformerBlock": ("merge", "PENDING: python -m benchmarks.e2e_dit"),
-    "FluxTransformerBlock": ("merge", "PENDING: python -m benchmarks.e2e_dit"),
-    "FluxSingleTransformerBlock": ("merge", "PENDING: python -m benchmarks.e2e_dit"),
+    "BasicTransformerBlock": ("merge", "tomesd's own scheme, and these blocks' only one before schemes existed: "
+                                       "UNet, DiT and PixArt results stay what they were; not measured against kv"),
+    "JointTransformerBlock": ("kv", _JOINT_EVIDENCE),
+    "FluxTransformerBlock": ("kv", _JOINT_EVIDENCE),
+    "FluxSingleTransformerBlock": ("kv", _JOINT_EVIDENCE),
 }
 
 
@@ -592,6 +598,7 @@ def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_cross
     if len(chosen) > 1:
         raise ValueError(f"scheme='auto' picks {' and '.join(sorted(chosen))} for this model's blocks; pass "
                          "scheme='merge' or 'kv'")
+    auto = " (scheme='auto' chose 'kv' for this model; pass scheme='merge')" if scheme == "auto" else ""
     scheme = chosen.pop()
     joint = [(where, m) for where, m in blocks if isinstance(m, joint_classes)]
     for where, module in blocks:
@@ -600,12 +607,12 @@ def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_cross
         if problem is not None:
             raise ValueError(f"{where} {problem}: tome_kernels.patch.diffusion cannot patch it with "
                              f"scheme={scheme!r}")
-    if scheme == "kv" and (merge_mlp or merge_crossattn):
-        raise ValueError("merge_mlp and merge_crossattn apply to scheme='merge': the kv scheme merges only the "
-                         "self-attention's keys and values, and every token keeps its own output")
     if merge_crossattn and len(joint) == len(blocks):
         raise ValueError(f"merge_crossattn=True: {joint[0][0]} and the model's other blocks are joint text-image "
                          "blocks, which have no cross-attention (their one attention merges with merge_attn)")
+    if scheme == "kv" and (merge_mlp or merge_crossattn):
+        raise ValueError(f"merge_mlp and merge_crossattn apply to scheme='merge'{auto}: the kv scheme merges only "
+                         "the self-attention's keys and values, and every token keeps its own output")
     if random_dst and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("model has gradient checkpointing on: recomputing a block would draw other random "
                          "destinations; turn it off or patch with random_dst=False")
