@@ -178,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed steps before timing, after the checking step (default: 3 on a GPU, 1 on a CPU)")
     p.add_argument("--model-warmup", type=int, default=WARM_MAX_STEPS,
                    help="at most this many unpatched steps after a model's build, before its first row, until "
-                        f"two in a row agree within {WARM_TOLERANCE:.0%} (default {WARM_MAX_STEPS}; 0: none)")
+                        f"two in a row agree within {WARM_TOLERANCE * 100:g}%% (default {WARM_MAX_STEPS}; 0: none)")
     p.add_argument("--reps", type=int, default=None, help="timed steps (default: 30 on a GPU, 3 on a CPU)")
     p.add_argument("--min-seconds", type=float, default=0.0, help="CPU: keep sampling steps until this long")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's own)")

@@ -87,3 +87,10 @@ def test_attention_share_on_a_gpu_counts_each_kernel_once():
     assert gpu["attn_share"] == pytest.approx(0.3) and gpu["sdpa_calls"] == 1
     cpu = e2e_dit.attention_share(events, wall=1e-4, on_gpu=False)
     assert cpu["attn_share"] == pytest.approx(0.4) and cpu["profiled_total_s"] == 1e-4
+
+
+def test_help_prints(capsys):
+    """argparse formats every help string with %: a bare percent sign made --help crash."""
+    with pytest.raises(SystemExit) as done:
+        e2e_dit.parse_args(["--help"])
+    assert done.value.code == 0 and "--model-warmup" in capsys.readouterr().out
