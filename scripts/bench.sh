@@ -6,6 +6,8 @@
 #   minilm   python -m benchmarks.minilm    MiniLM embedding fidelity and speed against r
 #   e2e      python -m benchmarks.e2e_vit   ViT images/s against r: unpatched, ToMe via reference, via kernels;
 #            and transformers CLIP / DINOv2 encoders (proportional attention: SDPA mask, FlexAttention)
+#   dit      python -m benchmarks.e2e_dit   one denoising step of SD3 and Flux transformers at a 64x64 latent:
+#            unpatched and patch.diffusion's merge and kv schemes at two ratios
 # then draws the kernels' speed-ups and the ViT throughput against r beside the results
 # (python -m benchmarks.plot; skipped, saying so, without matplotlib).
 # Results go to benchmarks/results/local/ (ignored by git); `bash scripts/bench.sh --save-record`
@@ -15,13 +17,14 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
-declare -A MODULES=([kernels]=benchmarks.run [minilm]=benchmarks.minilm [e2e]=benchmarks.e2e_vit)
+declare -A MODULES=([kernels]=benchmarks.run [minilm]=benchmarks.minilm [e2e]=benchmarks.e2e_vit
+                    [dit]=benchmarks.e2e_dit)
 
 if [ $# -gt 0 ] && [ "$1" != "--save-record" ]; then
   name=$1
   shift
   if [ -z "${MODULES[$name]+set}" ]; then
-    echo "bench.sh: unknown benchmark '$name' (expected one of: kernels minilm e2e, or --save-record)" >&2
+    echo "bench.sh: unknown benchmark '$name' (expected one of: kernels minilm e2e dit, or --save-record)" >&2
     exit 2
   fi
   exec "$PYTHON" -m "${MODULES[$name]}" "$@"
@@ -43,13 +46,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 plotted=()
 started=$SECONDS
-for name in kernels minilm e2e; do
+for name in kernels minilm e2e dit; do
   echo "== $name: python -m ${MODULES[$name]} ${save[*]}" >&2
   begun=$SECONDS
   "$PYTHON" -m "${MODULES[$name]}" "${save[@]}" | tee "$log"
   echo "== $name took $((SECONDS - begun)) s" >&2
   saved=$(sed -n 's/^saved //p' "$log" | tail -n 1)
-  if [ "$name" != minilm ] && [ -n "$saved" ]; then
+  if { [ "$name" = kernels ] || [ "$name" = e2e ]; } && [ -n "$saved" ]; then
     plotted+=("$saved")
   fi
 done
