@@ -28,7 +28,6 @@ import argparse
 import datetime
 import math
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -314,22 +313,7 @@ def save(results: Dict, out_dir: str) -> str:
 
 
 def main(argv=None) -> Dict:
-    args = parse_args(argv)
-    command = " ".join(["python -m benchmarks.prop_attn"] + (sys.argv[1:] if argv is None else list(argv)))
-    out_dir = None if args.no_save else report.output_dir(args)
-
-    def keep(results: Dict) -> None:
-        # After each row, so that a run stopped by a time limit (the GPU run's step) keeps what it
-        # measured: the same file each time (its name comes from the run's start).
-        results.update(command=command, arguments=vars(args), complete=False)
-        save(results, out_dir)
-
-    results = run(args, keep if out_dir is not None else None)
-    results.update(command=command, arguments=vars(args), complete=True)
-    print(format_table(results))
-    if out_dir is not None:
-        print(f"saved {save(results, out_dir)}")
-    return results
+    return report.main_saving_each_row("benchmarks.prop_attn", argv, parse_args, run, format_table, save)
 
 
 if __name__ == "__main__":

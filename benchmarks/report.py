@@ -111,3 +111,25 @@ def notes(results: Dict, errors: Dict[str, int], label: Callable[[Dict], str], e
     for line in extra:
         lines += wrap(line)
     return ([""] + lines) if lines else []
+
+
+def main_saving_each_row(prog: str, argv, parse_args: Callable, run: Callable, format_table: Callable,
+                         save: Callable[[Dict, str], str]) -> Dict:
+    """A benchmark's main that saves its results after every row: ``run(args, keep)`` calls
+    ``keep(results)`` after each row, so that a run stopped by a time limit (a GPU run's step)
+    keeps what it measured, in the same file each time (named from the run's start). Then the
+    table is printed, and the path of the final file as "saved <path>" (what bench.sh reads)."""
+    args = parse_args(argv)
+    command = " ".join([f"python -m {prog}"] + (sys.argv[1:] if argv is None else list(argv)))
+    out_dir = None if args.no_save else output_dir(args)
+
+    def keep(results: Dict) -> None:
+        results.update(command=command, arguments=vars(args), complete=False)
+        save(results, out_dir)
+
+    results = run(args, keep if out_dir is not None else None)
+    results.update(command=command, arguments=vars(args), complete=True)
+    print(format_table(results))
+    if out_dir is not None:
+        print(f"saved {save(results, out_dir)}")
+    return results
