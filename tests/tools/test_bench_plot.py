@@ -13,6 +13,10 @@ RECORD = os.path.join(ROOT, "benchmarks", "results")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+# benchmarks.e2e_vit's records (e2e_<device>_...), not e2e_dit's (e2e_dit_<device>_...).
+E2E_VIT = ("e2e_cpu_", "e2e_cuda_")
+
+
 def saved(prefix):
     """The newest committed results of one benchmark (kernels: no prefix)."""
     names = sorted(n for n in os.listdir(RECORD) if n.endswith(".json") and
@@ -32,7 +36,7 @@ def test_plot_of_the_saved_record(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "picture.png"
     minilm = saved("minilm_")
-    written = plot.main([saved(""), saved("e2e_"), minilm, "--out", str(out)])
+    written = plot.main([saved(""), saved(E2E_VIT), minilm, "--out", str(out)])
     assert written == str(out)
     assert_png(out)
     captured = capsys.readouterr()
@@ -42,7 +46,7 @@ def test_plot_of_the_saved_record(tmp_path, capsys):
 def test_default_picture_goes_beside_the_first_file(tmp_path):
     pytest.importorskip("matplotlib")
     results = tmp_path / "e2e_cpu_x.json"
-    results.write_text(open(saved("e2e_")).read())
+    results.write_text(open(saved(E2E_VIT)).read())
     assert plot.main([str(results)]) == str(tmp_path / "plot_e2e_cpu_x.png")
     assert_png(tmp_path / "plot_e2e_cpu_x.png")
 
@@ -84,7 +88,7 @@ def test_without_matplotlib_it_says_so_in_one_line(tmp_path, monkeypatch, capsys
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
     out = tmp_path / "picture.png"
-    assert plot.main([saved("e2e_"), "--out", str(out)]) is None
+    assert plot.main([saved(E2E_VIT), "--out", str(out)]) is None
     printed = capsys.readouterr().out
     assert printed.splitlines() == [plot.SKIPPED]
     assert "plot skipped" in printed and "pip install tome_kernels[plot]" in printed
