@@ -191,7 +191,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     bad = [r for r in args.ratios if not 0 < r < 1]
     if bad:
-        p.error(f"--ratios must be in (0, 1), got {bad}")
+        p.error(f"--ratios must be in (0, 1) (0 is the unpatched row, which every model gets), got {bad}")
+    for name in ("batch", "reps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -332,7 +335,7 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     specs = TINY if args.tiny else MODELS
     names = args.models or list(specs)
-    settings = {"dtype": str(dtype).replace("torch.", ""), "reps": args.reps or (30 if on_gpu else 3),
+    settings = {"dtype": str(dtype).replace("torch.", ""), "reps": args.reps if args.reps is not None else (30 if on_gpu else 3),
                 "warmup": args.warmup if args.warmup is not None else (3 if on_gpu else 1),
                 "min_seconds": args.min_seconds, "spread": spread_settings(args.retries), "seed": args.seed,
                 "ratios": args.ratios, "schemes": {v: SCHEMES[v] for v in args.schemes}, "tiny": args.tiny,
@@ -365,7 +368,7 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
     with torch.no_grad():
         for name in names:
             spec = specs[name]
-            batch = args.batch or (spec.gpu_batch if on_gpu else spec.cpu_batch)
+            batch = args.batch if args.batch is not None else (spec.gpu_batch if on_gpu else spec.cpu_batch)
             if late():  # not even the model is built
                 rows += [_skipped(name, batch, v, r, args) for v, r in runs]
                 continue

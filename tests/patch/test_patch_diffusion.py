@@ -313,6 +313,8 @@ def test_refused_models():
         tome_patch.diffusion(outer)
     unet = make_unet()
     unet.enable_gradient_checkpointing()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        tome_patch.diffusion(unet)
+    for random_dst in (True, False):  # the recomputation runs outside the pass either way
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            tome_patch.diffusion(unet, random_dst=random_dst)
+    unet.disable_gradient_checkpointing()
     assert tome_patch.is_patched(tome_patch.diffusion(unet, random_dst=False))

@@ -645,7 +645,7 @@ def test_blocks_selects_which_blocks_merge(selection, merging):
     ([0, -2], ValueError, "block 0 is named twice"),
     ([], ValueError, "blocks is empty"),
     ([True], TypeError, "blocks must hold ints"),
-    ("0", TypeError, "blocks must be None or a sequence"),
+    ("0", TypeError, "blocks must be None or a collection"),
 ])
 def test_bad_blocks_refused_and_the_model_left(selection, error, words):
     model = flux()
@@ -673,3 +673,67 @@ def test_auto_kv_with_merge_mlp_says_to_pass_merge():
     with pytest.raises(ValueError, match="scheme='auto' chose 'kv' for this model; pass scheme='merge'"):
         tome_patch.diffusion(model, 0.5, merge_mlp=True)
     assert tome_patch.get_state(tome_patch.diffusion(model, 0.5, scheme="merge", merge_mlp=True)).merge_mlp
+
+
+# --- found in review ---------------------------------------------------------------------------------
+
+def test_auto_takes_the_default_of_a_subclass_base_class():
+    """A subclass of a supported block without its own forward gets its base class's default
+    (a KeyError once); one with its own forward is refused by name under auto too."""
+    model = dit()
+    my_basic = type("MyBasic", (BasicTransformerBlock,), {})
+    for block in model.transformer_blocks:
+        block.__class__ = my_basic
+    assert tome_patch.get_state(tome_patch.diffusion(model, 0.5)).scheme == "merge"
+
+    class MyJoint(JointTransformerBlock):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = sd3()
+    model.transformer_blocks[0].__class__ = MyJoint
+    with pytest.raises(ValueError, match="is a MyJoint, a subclass with its own forward"):
+        tome_patch.diffusion(model, 0.5)
+    model.transformer_blocks[0].__class__ = type("PlainJoint", (JointTransformerBlock,), {})
+    assert tome_patch.get_state(tome_patch.diffusion(model, 0.5)).scheme == "kv"
+
+
+def test_merge_crossattn_without_a_cross_attention_is_refused():
+    model = dit()  # Basic blocks with no attn2
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="no block of this DiTTransformer2DModel has a cross-attention"):
+        tome_patch.diffusion(model, 0.5, scheme="merge", merge_attn=False, merge_crossattn=True)
+    _assert_unchanged(model, before)
+
+
+def test_the_latent_is_found_by_name_not_position():
+    """SD3 called with the timestep first and the 12x16 latent by name: the 6x8 patch grid."""
+    model, args, kwargs = case("sd3")
+    latent = torch.randn(2, args[0].shape[1], 12, 16)
+    kwargs = dict(kwargs)
+    timestep = kwargs.pop("timestep")
+    tome_patch.diffusion(model, 0.5)
+    with torch.no_grad():
+        model(timestep=timestep, hidden_states=latent, **kwargs)
+    assert tome_patch.get_state(model).last_pass.recorded_size == (6, 8)
+
+
+def test_flux_ids_in_another_order_are_no_grid():
+    """Column-major ids of a 6x10 image: the same set of positions, not the row-major grid the
+    tokens would be merged on."""
+    model, args, kwargs = case("flux")
+    h, w = 6, 10
+    ids = flux_ids(h, w).reshape(h, w, 3).transpose(0, 1).reshape(-1, 3)
+    latents = torch.randn(args[0].shape[0], h * w, args[0].shape[-1])
+    tome_patch.diffusion(model, 0.5)
+    with pytest.raises(ValueError, match="latent_size"):
+        run(model, latents, **{**kwargs, "img_ids": ids})
+
+
+def test_gradient_checkpointing_is_refused():
+    model = sd3()
+    model.enable_gradient_checkpointing()
+    for random_dst in (True, False):
+        with pytest.raises(ValueError, match="gradient checkpointing"):
+            tome_patch.diffusion(model, 0.5, random_dst=random_dst)
+    assert not tome_patch.is_patched(model)

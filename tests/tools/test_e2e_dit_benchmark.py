@@ -94,3 +94,11 @@ def test_help_prints(capsys):
     with pytest.raises(SystemExit) as done:
         e2e_dit.parse_args(["--help"])
     assert done.value.code == 0 and "--model-warmup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--batch", "0"], ["--reps", "0"], ["--ratios", "0"], ["--models", "nope"]])
+def test_bad_arguments_are_usage_errors(bad, capsys):
+    """Refused, not replaced by a default (--batch 0 once ran the default batch)."""
+    with pytest.raises(SystemExit) as done:
+        e2e_dit.parse_args(bad)
+    assert done.value.code == 2 and bad[0] in capsys.readouterr().err

@@ -208,9 +208,17 @@ class DiffusionState:
         self._open_passes().append(DiffusionPass(self._input_grid(model, args, kwargs)))
 
     def _input_grid(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
+        try:
+            arguments = call_arguments(type(model).forward, model, *args, **kwargs)
+        except TypeError:  # a call the forward itself will refuse, with its own message
+            return None
         if self.grid_from == "img_ids":
-            return flux_grid(call_arguments(type(model).forward, model, *args, **kwargs))
-        first = _first_tensor(args, kwargs)
+            return flux_grid(arguments)
+        # The latent by its name in diffusers' models (UNets: sample), else the first tensor.
+        first = next((arguments[name] for name in ("sample", "hidden_states")
+                      if isinstance(arguments.get(name), Tensor)), None)
+        if first is None:
+            first = _first_tensor(args, kwargs)
         if first is None or first.dim() != 4:
             return None
         height, width = first.shape[-2:]
@@ -392,9 +400,13 @@ def flux_grid(arguments: dict) -> Optional[Tuple[int, int]]:
     if not isinstance(ids, Tensor) or not isinstance(hidden_states, Tensor) or ids.shape[-1] != 3:
         return None
     ids = ids[0] if ids.dim() == 3 else ids
-    # One host sync per denoising step: the grid decides the plan's shapes.
+    # Two host syncs per denoising step: the grid decides the plan's shapes.
     height, width = (int(v) + 1 for v in ids[:, 1:].amax(dim=0).tolist())
     if height * width != hidden_states.shape[1] or ids.shape[0] != height * width:
+        return None
+    # Row-major: token i at (i // w, i % w); the same ids in another order are another grid.
+    order = torch.arange(height * width, device=ids.device)
+    if not torch.equal(ids[:, 1] * width + ids[:, 2], order.to(ids.dtype)):
         return None
     return height, width
 
@@ -542,10 +554,10 @@ def _block_problem(block: nn.Module) -> Optional[str]:
 # The scheme="auto" of each block class, and the measurement (or reason) behind it.
 _JOINT_EVIDENCE = ("kv: python -m benchmarks.e2e_dit --threads 2 (two runs, 2026-12-01, benchmarks/results/"
                    "e2e_dit_cpu_amd-epyc_20261201T043725Z.json and ..T043942Z.json; table in docs/diffusion.md): "
-                   "at ratios 0.3 and 0.5 the two schemes' step times were within the runs' noise of each other "
-                   "(1-8%, the order flipping between ratios; attention is 13-19% of a CPU step), and kv's output "
-                   "was 11-13x (SD3) and 2x (Flux) closer to the unpatched one; no GPU measurement yet "
-                   "(scripts/gpu_checks.py's e2e_dit step)")
+                   "at ratios 0.3 and 0.5 the two schemes' step times were not told apart (1-12% apart and once "
+                   "50%, kv faster in 6 of 12 pairs over these and a third run, ..T045305Z.json; attention is "
+                   "13-19% of a CPU step), and kv's output was 11-13x (SD3) and 2x (Flux) closer to the unpatched "
+                   "one; no GPU measurement yet (scripts/gpu_checks.py's e2e_dit step)")
 DEFAULT_SCHEMES: Dict[str, Tuple[str, str]] = {
     "BasicTransformerBlock": ("merge", "tomesd's own scheme, and these blocks' only one before schemes existed: "
                                        "UNet, DiT and PixArt results stay what they were; not measured against kv"),
@@ -553,6 +565,16 @@ DEFAULT_SCHEMES: Dict[str, Tuple[str, str]] = {
     "FluxTransformerBlock": ("kv", _JOINT_EVIDENCE),
     "FluxSingleTransformerBlock": ("kv", _JOINT_EVIDENCE),
 }
+
+
+def _family(block: nn.Module) -> str:
+    """The supported diffusers class ``block`` is (or subclasses), as ``DEFAULT_SCHEMES`` names it."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    for cls in (BasicTransformerBlock, *diffusion_dit.dit_block_classes()):
+        if isinstance(block, cls):
+            return cls.__name__
+    raise AssertionError(f"{type(block).__name__} is no supported block")
 
 
 def _unsupported_block(module: nn.Module) -> bool:
@@ -578,7 +600,7 @@ def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_cross
         if isinstance(module, BasicTransformerBlock):
             problem = _block_problem(module)
         elif isinstance(module, joint_classes):
-            problem = None
+            problem = diffusion_dit.subclass_problem(module)
         elif _unsupported_block(module):
             raise ValueError(f"{where} is a diffusers {original_class(module).__name__}, which "
                              "tome_kernels.patch.diffusion does not support (supported: BasicTransformerBlock, "
@@ -594,7 +616,7 @@ def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_cross
         raise ValueError(f"model ({type(model).__name__}) contains no diffusers transformer block to patch "
                          "(BasicTransformerBlock, JointTransformerBlock, FluxTransformerBlock, "
                          "FluxSingleTransformerBlock)")
-    chosen = {DEFAULT_SCHEMES[original_class(m).__name__][0] if scheme == "auto" else scheme for _, m in blocks}
+    chosen = {DEFAULT_SCHEMES[_family(m)][0] if scheme == "auto" else scheme for _, m in blocks}
     if len(chosen) > 1:
         raise ValueError(f"scheme='auto' picks {' and '.join(sorted(chosen))} for this model's blocks; pass "
                          "scheme='merge' or 'kv'")
@@ -610,12 +632,18 @@ def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_cross
     if merge_crossattn and len(joint) == len(blocks):
         raise ValueError(f"merge_crossattn=True: {joint[0][0]} and the model's other blocks are joint text-image "
                          "blocks, which have no cross-attention (their one attention merges with merge_attn)")
+    if merge_crossattn and all(isinstance(m, joint_classes) or m.attn2 is None for _, m in blocks):
+        raise ValueError(f"merge_crossattn=True, but no block of this {type(model).__name__} has a cross-attention "
+                         "(attn2): nothing would merge there")
     if scheme == "kv" and (merge_mlp or merge_crossattn):
         raise ValueError(f"merge_mlp and merge_crossattn apply to scheme='merge'{auto}: the kv scheme merges only "
                          "the self-attention's keys and values, and every token keeps its own output")
-    if random_dst and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        raise ValueError("model has gradient checkpointing on: recomputing a block would draw other random "
-                         "destinations; turn it off or patch with random_dst=False")
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        # The backward pass recomputes each block after the model's pass has closed: without
+        # its latent size or its generator, so with another grid or other destinations.
+        raise ValueError("model has gradient checkpointing on: a block recomputed in the backward pass runs outside "
+                         "its forward pass (no latent grid, no seeded generator) and would merge differently; "
+                         "turn it off (model.disable_gradient_checkpointing()) to patch")
     return [m for _, m in blocks], scheme
 
 
@@ -625,7 +653,7 @@ def _select_blocks(blocks: List[nn.Module], selection) -> List[nn.Module]:
     if selection is None:
         return blocks
     if isinstance(selection, (str, bytes, Tensor)) or not hasattr(selection, "__iter__"):
-        raise TypeError(f"blocks must be None or a sequence of block indices, got {type(selection).__name__}")
+        raise TypeError(f"blocks must be None or a collection of block indices, got {type(selection).__name__}")
     chosen = []
     for index in selection:
         if not checks.is_int(index):

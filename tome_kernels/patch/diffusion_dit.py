@@ -63,19 +63,25 @@ def unwrapped(processor):
     return processor.original if isinstance(processor, diffusion_attention._Wrapper) else processor
 
 
-def block_problem(block: nn.Module, scheme: str, merge_mlp: bool) -> Optional[str]:
-    """Why a joint block cannot be patched, or None."""
+def subclass_problem(block: nn.Module) -> Optional[str]:
+    """Why a subclass of a joint block cannot be patched (its own forward), or None."""
     cls = original_class(block)
-    expected = _processor_classes()
-    base = next(known for known in expected if issubclass(cls, known))
+    base = next(known for known in dit_block_classes() if issubclass(cls, known))
     if cls.forward is not base.forward:
         return f"is a {cls.__name__}, a subclass with its own forward"
+    return None
+
+
+def block_problem(block: nn.Module, scheme: str, merge_mlp: bool) -> Optional[str]:
+    """Why a joint block cannot be patched with ``scheme`` and ``merge_mlp``, or None."""
+    expected = _processor_classes()
+    base = next(known for known in expected if isinstance(block, known))
     processor_class, _ = expected[base]
     for name, attention in attentions(block):
         processor = unwrapped(attention.processor)
         if type(processor) is not processor_class:
             return (f"has {name}.processor {type(processor).__name__}; the merged attention reproduces "
-                    f"{processor_class.__name__} only (IP-Adapter, fused or custom processors are not supported)")
+                    f"{processor_class.__name__} only (IP-Adapter and custom processors are not supported)")
         if getattr(processor, "_attention_backend", None) is not None or \
                 getattr(processor, "_parallel_config", None) is not None:
             return (f"has {name} set to another attention backend or context parallelism; the merged attention "
