@@ -1,14 +1,16 @@
-"""Token merging for diffusion models (Bolya & Hoffman 2023, "tomesd") on diffusers'
-``BasicTransformerBlock`` (diffusers 0.42.x): Stable Diffusion's UNet, DiT, PixArt.
+"""Token merging for diffusion models (Bolya & Hoffman 2023, "tomesd") in diffusers 0.42.x:
+``BasicTransformerBlock`` (Stable Diffusion's UNets, DiT, PixArt) here, and the joint
+text-image blocks of SD3 and Flux in ``diffusion_dit`` / ``diffusion_attention``.
 
 Unlike ToMe in a ViT, the residual stream keeps its length: each patched block computes one
-``grid_match`` plan on its input hidden states, merges the normalised tokens ("mean") before
-the self-attention (and, if asked, the cross-attention and the feed-forward), and unmerges
-each output before its residual add. The plan's 2-D partition needs the tokens' grid, which
-comes from the latent's (H, W): recorded by a forward pre-hook on the patched model from its
-first tensor input, or given as ``latent_size``. A block's downsampling level is the
-smallest power of two d with ceil(H / d) * ceil(W / d) tokens, how a UNet's stride-2
-convolutions shrink the latent.
+``grid_match`` plan on its input (image) hidden states and merges by its scheme: "merge"
+merges the normalised tokens ("mean") before the self-attention (and, if asked, the
+cross-attention and the feed-forward) and unmerges each output before its residual add; "kv"
+merges only the self-attention's keys and values. The plan's 2-D partition needs the tokens'
+grid, recorded by a forward pre-hook on the patched model (the 4-D latent, a patch-embedded
+transformer's patch grid, Flux's ``img_ids``) or given as ``latent_size``. A block's
+downsampling level is the smallest power of two d with ceil(H / d) * ceil(W / d) tokens, how a
+UNet's stride-2 convolutions shrink the latent.
 
 Each block becomes a subclass of its own class (``tome_subclass``); no module or parameter
 changes, so the state_dict keeps its names while patched and ``remove`` restores the model.
@@ -162,8 +164,10 @@ class DiffusionState:
         self.merge_mlp = merge_mlp
         self.latent_size = latent_size
         self.backend = backend
-        # Set by the patch function: the hooks' handles, and how to restore the model.
+        # Set by the patch function: the hooks' handles, how to restore the model, and the
+        # indices of the blocks that merge (None: all).
         self.hooks = ()
+        self.blocks = None
         self.undo = None
         self._fresh()
 
@@ -391,6 +395,7 @@ class DiffusionState:
                             "(the image's size / 8 for Stable Diffusion's VAE)")
         return "deep", message
 
+
 def flux_grid(arguments: dict) -> Optional[Tuple[int, int]]:
     """The (h, w) grid of a Flux transformer call's image tokens, from its ``img_ids`` (N, 3)
     (or (B, N, 3), deprecated): (0, row, col) per token, row-major, as Flux pipelines make
@@ -584,8 +589,7 @@ def _unsupported_block(module: nn.Module) -> bool:
     return cls.__module__.startswith("diffusers.") and cls.__name__.endswith("TransformerBlock")
 
 
-def _check_model(model: nn.Module, *, random_dst: bool, scheme: str, merge_crossattn: bool,
-                 merge_mlp: bool) -> Tuple[List[nn.Module], str]:
+def _check_model(model: nn.Module, *, scheme: str, merge_crossattn: bool, merge_mlp: bool) -> Tuple[List[nn.Module], str]:
     """The model's blocks to patch, all patchable, and the scheme they take; or the reason why
     not, as a ValueError."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -777,8 +781,8 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
         backend=check_backend_name(backend),
     )
     ratio = _check_ratio(ratio)
-    found, settings["scheme"] = _check_model(model, random_dst=random_dst, scheme=scheme,
-                                             merge_crossattn=merge_crossattn, merge_mlp=merge_mlp)
+    found, settings["scheme"] = _check_model(model, scheme=scheme, merge_crossattn=merge_crossattn,
+                                             merge_mlp=merge_mlp)
     selected = _select_blocks(found, blocks)
     remove(model)
     state = DiffusionState(ratio, grid_from=_grid_from(model), **settings)
