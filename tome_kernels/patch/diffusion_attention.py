@@ -53,6 +53,13 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(batch, length, heads, -1).transpose(1, 2)
 
 
+def _projections(x: Tensor, heads: int, to_q, to_k, to_v, norm_q, norm_k) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, H, L, D) queries, keys and values of ``x`` (B, L, C): the projections, then the
+    query and key norms where the attention has them (None otherwise), as diffusers does."""
+    query, key, value = (_heads(project(x), heads) for project in (to_q, to_k, to_v))
+    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
+
+
 def log_size(plan: MergePlan, dtype: torch.dtype) -> Tensor:
     """(B, N - r): log of how many image tokens each merged token stands for."""
     ones = torch.ones(plan.batch_size, plan.num_tokens, 1, device=plan.device, dtype=torch.float32)
@@ -122,13 +129,8 @@ class BasicSelfAttnProcessor(_Wrapper):
         if attention_mask is not None:
             raise ValueError("attention_mask must be None when the self-attention merges tokens: the mask is over the "
                              "N unmerged tokens")
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _projections(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q,
+                                         attn.norm_k)
         out, _ = merged_attention(query, key, value, 0, plan, "kv")
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
         return out / attn.rescale_output_factor
@@ -143,21 +145,12 @@ class JointAttnProcessor(_Wrapper):
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         # (The original ignores attention_mask too.)
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _projections(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q,
+                                         attn.norm_k)
         if encoder_hidden_states is not None:
-            text_query = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
-            text_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-            text_value = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
+            text_query, text_key, text_value = _projections(encoder_hidden_states, attn.heads, attn.add_q_proj,
+                                                            attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+                                                            attn.norm_added_k)
             query = torch.cat([query, text_query], dim=2)
             key = torch.cat([key, text_key], dim=2)
             value = torch.cat([value, text_value], dim=2)
