@@ -335,7 +335,8 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     specs = TINY if args.tiny else MODELS
     names = args.models or list(specs)
-    settings = {"dtype": str(dtype).replace("torch.", ""), "reps": args.reps if args.reps is not None else (30 if on_gpu else 3),
+    settings = {"dtype": str(dtype).replace("torch.", ""),
+                "reps": args.reps if args.reps is not None else (30 if on_gpu else 3),
                 "warmup": args.warmup if args.warmup is not None else (3 if on_gpu else 1),
                 "min_seconds": args.min_seconds, "spread": spread_settings(args.retries), "seed": args.seed,
                 "ratios": args.ratios, "schemes": {v: SCHEMES[v] for v in args.schemes}, "tiny": args.tiny,

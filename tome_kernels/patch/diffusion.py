@@ -589,7 +589,8 @@ def _unsupported_block(module: nn.Module) -> bool:
     return cls.__module__.startswith("diffusers.") and cls.__name__.endswith("TransformerBlock")
 
 
-def _check_model(model: nn.Module, *, scheme: str, merge_crossattn: bool, merge_mlp: bool) -> Tuple[List[nn.Module], str]:
+def _check_model(model: nn.Module, *, scheme: str, merge_crossattn: bool,
+                 merge_mlp: bool) -> Tuple[List[nn.Module], str]:
     """The model's blocks to patch, all patchable, and the scheme they take; or the reason why
     not, as a ValueError."""
     from diffusers.models.attention import BasicTransformerBlock
