@@ -405,13 +405,17 @@ def flux_grid(arguments: dict) -> Optional[Tuple[int, int]]:
     if not isinstance(ids, Tensor) or not isinstance(hidden_states, Tensor) or ids.shape[-1] != 3:
         return None
     ids = ids[0] if ids.dim() == 3 else ids
-    # Two host syncs per denoising step: the grid decides the plan's shapes.
-    height, width = (int(v) + 1 for v in ids[:, 1:].amax(dim=0).tolist())
-    if height * width != hidden_states.shape[1] or ids.shape[0] != height * width:
+    tokens = hidden_states.shape[1]
+    if ids.shape[0] != tokens:
         return None
+    rows, cols = ids[:, 1], ids[:, 2]
+    width = cols.amax() + 1
     # Row-major: token i at (i // w, i % w); the same ids in another order are another grid.
-    order = torch.arange(height * width, device=ids.device)
-    if not torch.equal(ids[:, 1] * width + ids[:, 2], order.to(ids.dtype)):
+    row_major = (rows * width + cols == torch.arange(tokens, device=ids.device, dtype=ids.dtype)).all()
+    # One host sync per denoising step, for all three: the grid decides the plan's shapes.
+    height, width, row_major = torch.stack([rows.amax() + 1, width, row_major.to(ids.dtype)]).tolist()
+    height, width = int(height), int(width)
+    if not row_major or height * width != tokens:
         return None
     return height, width
 

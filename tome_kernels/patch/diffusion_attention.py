@@ -60,12 +60,6 @@ def _projections(x: Tensor, heads: int, to_q, to_k, to_v, norm_q, norm_k) -> Tup
     return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
 
 
-def log_size(plan: MergePlan, dtype: torch.dtype) -> Tensor:
-    """(B, N - r): log of how many image tokens each merged token stands for."""
-    ones = torch.ones(plan.batch_size, plan.num_tokens, 1, device=plan.device, dtype=torch.float32)
-    return plan.merge(ones, "sum").squeeze(-1).log().to(dtype)
-
-
 def merged_attention(query: Tensor, key: Tensor, value: Tensor, start: int, plan: MergePlan,
                      scheme: str) -> Tuple[Tensor, int]:
     """Scaled dot-product attention with the image tokens merged by ``plan``.
@@ -90,12 +84,15 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, start: int, plan
         return torch.cat([x[:, :, :start], image, x[:, :, stop:]], dim=2)
 
     if scheme == "kv":
-        # Keys and values merged in one pass: their channels side by side, per head.
+        # Keys and values merged in one pass (their channels side by side, per head), which
+        # also counts the tokens each merged row stands for: with no sizes given, merge_wavg's
+        # weights are ones, so its average is the mean and its sizes the group counts.
         kv = torch.cat([key[:, :, start:stop], value[:, :, start:stop]], dim=-1)
-        kv = _heads(plan.merge(_tokens(kv), "mean"), heads)
+        kv, size = plan.merge_wavg(_tokens(kv))
+        kv = _heads(kv, heads)
         key, value = around(key, kv[..., :dim]), around(value, kv[..., dim:])
         bias = torch.zeros(query.shape[0], 1, 1, key.shape[2], device=query.device, dtype=query.dtype)
-        bias[:, 0, 0, start:start + plan.num_tokens - plan.r] = log_size(plan, query.dtype)
+        bias[:, 0, 0, start:start + plan.num_tokens - plan.r] = size.squeeze(-1).log().to(query.dtype)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         return _tokens(out), plan.num_tokens
     qkv = torch.cat([query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop]], dim=-1)
@@ -113,9 +110,6 @@ class _Wrapper:
         self.original = original
         self.state = state
 
-    def _plan(self) -> Optional[MergePlan]:
-        return self.state.attention_plan()
-
 
 class BasicSelfAttnProcessor(_Wrapper):
     """``AttnProcessor2_0`` of a ``BasicTransformerBlock``'s self-attention (``attn1``), with
@@ -123,7 +117,7 @@ class BasicSelfAttnProcessor(_Wrapper):
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
-        plan = self._plan()
+        plan = self.state.attention_plan()
         if plan is None or encoder_hidden_states is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if attention_mask is not None:
@@ -141,7 +135,7 @@ class JointAttnProcessor(_Wrapper):
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, *args, **kwargs):
-        plan = self._plan()
+        plan = self.state.attention_plan()
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         # (The original ignores attention_mask too.)
@@ -174,7 +168,7 @@ class FluxAttnProcessor(_Wrapper):
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None, image_rotary_emb=None):
-        plan = self._plan()
+        plan = self.state.attention_plan()
         if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb

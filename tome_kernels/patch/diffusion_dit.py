@@ -131,11 +131,8 @@ class MLPMerge:
     def __init__(self, state):
         self.state = state
 
-    def _plan(self):
-        return self.state.mlp_plan()
-
     def before(self, _module: nn.Module, args: tuple):
-        plan = self._plan()
+        plan = self.state.mlp_plan()
         if plan is None:
             return None
         x = args[0]
@@ -144,7 +141,7 @@ class MLPMerge:
         return (merged if text == 0 else torch.cat([x[:, :text], merged], dim=1), *args[1:])
 
     def after(self, _module: nn.Module, _args: tuple, output: Tensor):
-        plan = self._plan()
+        plan = self.state.mlp_plan()
         if plan is None:
             return None
         text = output.shape[1] - (plan.num_tokens - plan.r)
