@@ -737,3 +737,31 @@ def test_gradient_checkpointing_is_refused():
         with pytest.raises(ValueError, match="gradient checkpointing"):
             tome_patch.diffusion(model, 0.5, random_dst=random_dst)
     assert not tome_patch.is_patched(model)
+
+
+# --- the fast backend against the reference path --------------------------------------------------
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("name", ("sd3_dual", "flux"))
+def test_cpu_backend_within_the_reference_paths_error(name, scheme, dtype):
+    """The joint blocks' merges through the `cpu` backend against the `reference` backend, on
+    an odd grid (SD3: 7x9 patches of a 14x18 latent, 63 tokens; Flux: 7x9 image tokens), in
+    float32 and bfloat16, by the tolerance rule against the float64 model on the reference."""
+    model, args, kwargs = case(name)
+    args, kwargs = flux_inputs(7, 9) if name == "flux" else sd3_inputs(14, 18)
+
+    def output(precision, backend):
+        copy_ = copy.deepcopy(model).to(precision)
+        tome_patch.diffusion(copy_, 0.5, scheme=scheme, seed=3, backend=backend)
+        cast = tuple(a.to(precision) for a in args)
+        # The position ids stay as they are: they are indices, not activations.
+        extra = {k: v.to(precision) if torch.is_tensor(v) and k not in ("img_ids", "txt_ids") else v
+                 for k, v in kwargs.items()}
+        out = run(copy_, *cast, **extra)
+        assert all(call.r > 0 for call in last_blocks(copy_))
+        return out
+
+    truth = output(torch.float64, "reference")
+    assert_within_twice_reference_error(output(dtype, "cpu"), output(dtype, "reference"), truth,
+                                        msg=f"{name} {scheme} {dtype}")
