@@ -13,6 +13,7 @@ processors (``F.scaled_dot_product_attention``). Inputs are (B, H, L, D) in ever
 import copy
 import math
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from tests.patch.diffusers_models import (
     NO_UNEXPECTED_NO_OPS,
     TEXT,
     BasicTransformerBlock,
+    NoMergeWarning,
     dit,
     dit_inputs,
     flux,
@@ -765,3 +767,147 @@ def test_cpu_backend_within_the_reference_paths_error(name, scheme, dtype):
     truth = output(torch.float64, "reference")
     assert_within_twice_reference_error(output(dtype, "cpu"), output(dtype, "reference"), truth,
                                         msg=f"{name} {scheme} {dtype}")
+
+
+# --- found in a new user's review ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+@pytest.mark.parametrize("height, width", [(16, 87), (48, 85), (64, 64)])
+def test_flux_grid_from_ids_in_the_latents_dtype(height, width, dtype):
+    """Pipelines make img_ids in the latents' dtype. Each id is exact there, but row * w + col
+    is not (bfloat16 above 256, float16 above 2048): the grid is still read."""
+    from tome_kernels.patch.diffusion import flux_grid
+
+    ids = flux_ids(height, width).to(dtype)
+    hidden_states = torch.zeros(1, height * width, 1)
+    assert flux_grid({"img_ids": ids, "hidden_states": hidden_states}) == (height, width)
+    # Ids that are not whole numbers are no grid.
+    ids[1, 2] = 0.5
+    assert flux_grid({"img_ids": ids, "hidden_states": hidden_states}) is None
+
+
+def test_flux_in_bfloat16_with_bfloat16_ids_merges():
+    """End to end, as a bfloat16 FluxPipeline calls it: 4x87 image tokens (348 > 256)."""
+    model = flux().to(torch.bfloat16)
+    (latents,), kwargs = flux_inputs(4, 87, batch=1)
+    kwargs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    tome_patch.diffusion(model, 0.5)
+    out = run(model, latents.to(torch.bfloat16), **kwargs)
+    assert out.isfinite().all()
+    assert [(call.grid, call.r) for call in last_blocks(model)] == [((4, 87), 174)] * 2
+
+
+def _sd3_processors_replaced(model):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    model.set_attn_processor(JointAttnProcessor2_0())
+
+
+def _flux_processors_replaced(model):
+    model.set_attn_processor(_flux.FluxAttnProcessor())
+
+
+def _dit_processor_replaced(model):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model.transformer_blocks[0].attn1.set_processor(AttnProcessor2_0())
+
+
+@pytest.mark.parametrize("name, scheme, replace, supported", [
+    ("sd3", "kv", _sd3_processors_replaced, True),
+    ("sd3", "merge", lambda model: model.fuse_qkv_projections(), False),
+    ("flux", "merge", _flux_processors_replaced, True),
+    ("dit", "kv", _dit_processor_replaced, True),
+], ids=["sd3-set", "sd3-fused", "flux-set", "dit-kv-set"])
+def test_processors_replaced_after_patching_raise(name, scheme, replace, supported):
+    """A processor replaced after patching would make the block merge nothing, silently."""
+    model, args, kwargs = case(name)
+    tome_patch.diffusion(model, 0.5, scheme=scheme)
+    replace(model)
+    with pytest.raises(RuntimeError, match=r"processor was replaced after patching .*patch the model again"):
+        run(model, *args, **kwargs)
+    # Patching again wraps the new processors, or refuses them by name (SD3's fused one).
+    if not supported:
+        with pytest.raises(ValueError, match="processor FusedJointAttnProcessor2_0"):
+            tome_patch.diffusion(model, 0.5, scheme=scheme)
+        return
+    tome_patch.diffusion(model, 0.5, scheme=scheme)
+    assert run(model, *args, **kwargs).isfinite().all() and all(c.r > 0 for c in last_blocks(model))
+
+
+def test_attention_backend_set_after_patching():
+    """diffusers' set_attention_backend reaches the processor the patch wrapped (which runs
+    the calls that merge nothing): a call that merges refuses it, and it outlives remove."""
+    model, args, kwargs = case("flux")
+    tome_patch.diffusion(model, 0.5)
+    model.set_attention_backend("native")
+    wrapped = [m.processor.original for m in model.modules() if hasattr(m, "processor")]
+    assert wrapped and all(p._attention_backend == "native" for p in wrapped)
+    with pytest.raises(RuntimeError, match="attention backend or context parallelism after patching"):
+        run(model, *args, **kwargs)
+    model.reset_attention_backend()
+    assert run(model, *args, **kwargs).isfinite().all() and all(c.r > 0 for c in last_blocks(model))
+    model.set_attention_backend("native")
+    tome_patch.remove(model)
+    assert all(m.processor._attention_backend == "native" for m in model.modules() if hasattr(m, "processor"))
+
+
+def test_gradient_checkpointing_turned_on_after_patching_is_refused_with_gradients():
+    """The backward's recomputation would merge differently (wrong gradients, silently)."""
+    model, args, kwargs = case("sd3")
+    tome_patch.diffusion(model, 0.5)
+    model.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(*args, **kwargs)
+    assert not tome_patch.get_state(model)._open_passes()
+    # Without gradients nothing is recomputed: inference runs.
+    assert run(model, *args, **kwargs).isfinite().all()
+
+
+def test_latent_size_of_another_shape_is_refused():
+    """SD3's 16x16 latent is an 8x8 patch grid; (4, 16) has its 64 tokens in another shape."""
+    model, args, kwargs = case("sd3")
+    tome_patch.diffusion(model, 0.5, latent_size=(4, 16))
+    with pytest.raises(ValueError, match=r"latent_size=\(4, 16\) does not fit the model's grid of 2x2 patches "
+                                         "of this call, 8x8"):
+        run(model, *args, **kwargs)
+
+
+def test_latent_size_of_the_latent_not_the_patch_grid_warns_so():
+    model, args, kwargs = case("sd3")
+    tome_patch.diffusion(model, 0.5, latent_size=(16, 16))
+    with pytest.warns(NoMergeWarning, match=r"latent_size=\(16, 16\) is not the model's grid of 2x2 patches 8x8: "
+                                            r"is it in image pixels\? latent_size is the grid's \(h, w\): the "
+                                            "latent's size divided by 2"):
+        run(model, *args, **kwargs)
+
+
+def test_forward_called_directly_warns_that_the_grid_is_guessed():
+    """model.forward(...) skips the hooks that read the grid: SD3's 8x32 latent (a 4x16 patch
+    grid) would merge on a guessed 8x8 one."""
+    model, (latent,), kwargs = case("sd3")
+    latent = torch.randn(2, latent.shape[1], 8, 32)
+    tome_patch.diffusion(model, 0.5)
+    with pytest.warns(UserWarning, match=r"ran outside the model's forward \(model.forward\(...\) called "
+                                         "directly"), torch.no_grad():
+        model.forward(latent, **kwargs)
+    with torch.no_grad():
+        model(latent, **kwargs)
+    assert {call.grid for call in last_blocks(model)} == {(4, 16)}
+
+
+@pytest.mark.parametrize("selection", [numpy.array(0), {0: "x"}], ids=["0-d array", "dict"])
+def test_blocks_that_are_no_list_of_indices_are_refused(selection):
+    model = flux()
+    with pytest.raises(TypeError, match="blocks must be None or a collection of block indices"):
+        tome_patch.diffusion(model, 0.5, blocks=selection)
+    assert not tome_patch.is_patched(model)
+
+
+def test_hunyuan_dit_block_is_refused_by_name():
+    """Not every family names its blocks *TransformerBlock."""
+    from diffusers.models.transformers.hunyuan_transformer_2d import HunyuanDiTBlock
+
+    model = nn.ModuleList([HunyuanDiTBlock(dim=16, num_attention_heads=2, cross_attention_dim=16)])
+    with pytest.raises(ValueError, match="model.0 is a diffusers HunyuanDiTBlock"):
+        tome_patch.diffusion(model, 0.5)

@@ -1,6 +1,8 @@
 """tome_kernels.patch.diffusion: which grid and level a block's tokens are, on latents of
 every shape, and the warning when a pass merges nothing (tiny random diffusers models)."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,7 +176,8 @@ def test_a_sub_module_called_alone_is_a_pass_of_its_own():
     unet = sd_unet()
     tome_patch.diffusion(unet, 0.5)
     block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
-    run(block, torch.randn(1, 64, 8), encoder_hidden_states=torch.randn(1, 3, 16))
+    with pytest.warns(UserWarning, match=r"ran outside the model's forward .*square grid is assumed"):
+        run(block, torch.randn(1, 64, 8), encoder_hidden_states=torch.randn(1, 3, 16))
     assert tome_patch.get_state(unet).last_pass.blocks[0].grid == (8, 8)
     with pytest.warns(NoMergeWarning, match="r = int"):
         run(block, torch.randn(1, 1, 8), encoder_hidden_states=torch.randn(1, 3, 16))
@@ -196,7 +199,32 @@ def test_patch_embedded_tokens_are_level_1(kind):
 
 
 def test_tokens_of_no_level_raise():
-    # A latent_size the tokens do not come from is refused, not merged on a wrong grid.
-    unet = tome_patch.diffusion(sd_unet(), 0.5, latent_size=(10, 10))
-    with pytest.raises(ValueError, match=r"N=256 .*latent_size 10x10"):
+    # A latent_size the tokens do not come from is refused, not merged on a wrong grid: by the
+    # block, when the input gives no grid to compare it with (a bare block)...
+    unet = sd_unet()
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    tome_patch.diffusion(block, 0.5, latent_size=(10, 10))
+    with pytest.raises(ValueError, match=r"N=64 .*latent_size 10x10"):
+        run(block, torch.randn(1, 64, 8), encoder_hidden_states=torch.randn(1, 3, 16))
+
+
+@pytest.mark.parametrize("latent_size", [(10, 10), (8, 32)])
+def test_latent_size_that_does_not_fit_the_input_raises(latent_size):
+    # ... and by the pass, before any block runs, when the input's grid is no power-of-two
+    # downsampling of it: (8, 32) has the 16x16 latent's 256 tokens, in another shape.
+    unet = tome_patch.diffusion(sd_unet(), 0.5, latent_size=latent_size)
+    with pytest.raises(ValueError, match=rf"latent_size={re.escape(str(latent_size))} does not fit the model's "
+                                         "input latent of this call, 16x16"):
         run(unet, *sd_inputs(16, 16))
+    assert not tome_patch.get_state(unet)._open_passes()
+
+
+def test_latent_size_the_input_is_a_downsampling_of_is_taken():
+    # A patched sub-module given the whole latent: its input (8x8) is the 16x16 latent's level 2.
+    unet = sd_unet()
+    tome_patch.diffusion(unet.down_blocks[1], 0.5, latent_size=(16, 16), max_downsample=2)
+    hidden = torch.randn(1, unet.down_blocks[1].resnets[0].conv1.in_channels, 8, 8)
+    unet.down_blocks[1](hidden, temb=torch.randn(1, unet.time_embedding.linear_2.out_features),
+                        encoder_hidden_states=torch.randn(1, 3, 16))
+    calls = tome_patch.get_state(unet.down_blocks[1]).last_pass.blocks
+    assert calls and all(call.level == 2 and call.grid == (8, 8) and call.r > 0 for call in calls)

@@ -81,6 +81,8 @@ def test_bad_pipelines_and_arguments_are_refused_before_any_change():
     no_denoiser = diffusers.DiTPipeline(transformer=None, vae=pipe.vae, scheduler=pipe.scheduler)
     with pytest.raises(TypeError, match="neither a unet nor a transformer"):
         tome_patch.diffusion(no_denoiser, 0.5)
+    # It holds no patch: not patched, and remove gives it back unchanged.
+    assert not tome_patch.is_patched(no_denoiser) and tome_patch.remove(no_denoiser) is no_denoiser
     with pytest.raises(TypeError, match="diffusers pipeline"):
         tome_patch.get_state(object())
     with pytest.raises(ValueError, match="not patched"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .bert import mean_pool, sentence_transformer_bert
 from .bert import patch_bert as bert
-from .diffusion import DiffusionState, NoMergeWarning, pipeline_denoiser
+from .diffusion import DiffusionState, NoMergeWarning, is_pipeline, pipeline_denoiser
 from .diffusion import patch_diffusion as diffusion
 from .hf_vision import patch_transformers as transformers
 from .hf_vision import vision_model_of
@@ -33,7 +33,8 @@ def _patched_module(model: nn.Module) -> nn.Module:
     """The module that holds the patch: a SentenceTransformer's is its BertModel; a
     transformers vision wrapper's (CLIPModel, ViTForImageClassification, ...) its vision model;
     a LLaVA's its vision tower; a diffusers pipeline's its unet or transformer."""
-    inner = pipeline_denoiser(model)
+    # A pipeline with no denoiser holds no patch (patching one is refused).
+    inner = pipeline_denoiser(model, required=False)
     if inner is None:
         inner = sentence_transformer_bert(model)
     if inner is None:
@@ -44,7 +45,7 @@ def _patched_module(model: nn.Module) -> nn.Module:
 
 
 def _check_model_type(model) -> None:
-    if not isinstance(model, nn.Module) and pipeline_denoiser(model) is None:
+    if not isinstance(model, nn.Module) and not is_pipeline(model):
         raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
 
 

@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -114,7 +115,8 @@ class DiffusionPass:
 
     Attributes:
         recorded_size: the (H, W) of the model's 4-D first input (the latent), or None.
-        blocks: a ``BlockCall`` per patched block call, in call order.
+        blocks: a ``BlockCall`` per patched block call, in call order (none with ratio 0,
+            where no block plans anything).
         generators: one per device, seeded with the model's seed when first used.
     """
 
@@ -134,6 +136,7 @@ class DiffusionPass:
 # torch.compiler.disable imports torch._dynamo, and with it triton, which importing
 # tome_kernels must not.
 _warn_once_eagerly = None
+_warn_outside_eagerly = None
 
 
 class DiffusionState:
@@ -164,17 +167,21 @@ class DiffusionState:
         self.merge_mlp = merge_mlp
         self.latent_size = latent_size
         self.backend = backend
-        # Set by the patch function: the hooks' handles, how to restore the model, and the
-        # indices of the blocks that merge (None: all).
+        # Set by the patch function: the hooks' handles, how to restore the model, the
+        # indices of the blocks that merge (None: all), and whether the patched module is a
+        # model holding the blocks (so a block running outside its forward lost the grid)
+        # rather than a bare block.
         self.hooks = ()
         self.blocks = None
+        self.blocks_of_a_model = False
         self.undo = None
         self._fresh()
 
     def _fresh(self) -> None:
-        global _warn_once_eagerly
+        global _warn_once_eagerly, _warn_outside_eagerly
         if _warn_once_eagerly is None:
             _warn_once_eagerly = torch.compiler.disable(DiffusionState._warn_once)
+            _warn_outside_eagerly = torch.compiler.disable(DiffusionState._warn_outside)
         self._threads = threading.local()
         # The NoMergeWarning reasons already given: each is said once per patched model.
         self._warned = set()
@@ -208,8 +215,26 @@ class DiffusionState:
     def start_pass(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """The patched model's forward pre-hook: opens a pass, recording its token grid (see
         ``grid_from``). Every pass seeds its own generators, so every pass draws the same
-        random destinations for a given seed."""
-        self._open_passes().append(DiffusionPass(self._input_grid(model, args, kwargs)))
+        random destinations for a given seed.
+
+        Raises:
+            ValueError: gradient checkpointing turned on after patching, in a pass with
+                gradients; ``latent_size`` that no power-of-two downsampling takes to the
+                grid this call's input gives (its tokens would merge on the wrong grid).
+        """
+        now = DiffusionPass(self._input_grid(model, args, kwargs))
+        # Opened before the checks raise: the forward hook (always called) closes it.
+        self._open_passes().append(now)
+        if torch.is_grad_enabled() and checkpointing(model):
+            raise ValueError(CHECKPOINTING_REFUSED)
+        recorded = now.recorded_size
+        if self.latent_size is not None and recorded is not None:
+            level = downsample_level(self.latent_size, recorded[0] * recorded[1])
+            if level is None or level_grid(self.latent_size, level) != tuple(recorded):
+                raise ValueError(f"latent_size={self.latent_size} does not fit {self._grid_source()} of this call, "
+                                 f"{recorded[0]}x{recorded[1]}: no power-of-two downsampling of it is that grid, so "
+                                 "the tokens would merge on the wrong one; patch with latent_size=None (the grid is "
+                                 "read from the input) or the grid the tokens form")
 
     def _input_grid(self, model: nn.Module, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
         try:
@@ -269,6 +294,8 @@ class DiffusionState:
         if passes:
             return self._plan(hidden_states, passes[-1])
         # A patched block called by itself, not through the patched model: a pass of its own.
+        if self.blocks_of_a_model and self.latent_size is None:
+            _warn_outside_eagerly(self)
         alone = DiffusionPass(None)
         plan = self._plan(hidden_states, alone)
         self._threads.last_pass = alone
@@ -317,8 +344,9 @@ class DiffusionState:
             # Flux's ids were no whole grid (flux_grid): a square guess could merge a reference
             # image's tokens as if they were rows of the generated one.
             raise ValueError(f"a block has N={tokens} image tokens, but the call's img_ids are not one row-major "
-                             "(h, w) grid of them (a Kontext reference image, custom ids): patch it with "
-                             "latent_size=(h, w), the grid the tokens form")
+                             "(h, w) grid of them (a Kontext reference image, custom ids), or the block ran outside "
+                             "the model's forward (model.forward(...) called directly): call model(...), or patch "
+                             "it with latent_size=(h, w), the grid the tokens form")
         if size is None:
             side = math.isqrt(tokens)
             if side * side != tokens:
@@ -346,6 +374,15 @@ class DiffusionState:
         if self.grid_from is not None:
             return f"the model's grid of {self.grid_from}x{self.grid_from} patches"
         return "the model's input latent"
+
+    def _warn_outside(self) -> None:
+        if "outside" in self._warned:
+            return
+        self._warned.add("outside")
+        warnings.warn("tome_kernels.patch.diffusion: a block of the patched model ran outside the model's forward "
+                      "(model.forward(...) called directly, or the block called by itself), so the token grid was "
+                      "not read from the model's input and a square grid is assumed; call model(...), or patch with "
+                      "latent_size", stacklevel=_user_stacklevel())
 
     def _warn_if_nothing_merged(self, finished: DiffusionPass) -> None:
         if self.ratio > 0 and not finished.merged:
@@ -388,8 +425,11 @@ class DiffusionState:
         if self.latent_size is not None:
             recorded = finished.recorded_size
             if recorded is not None and tuple(recorded) != self.latent_size:
-                message += (f"; latent_size={self.latent_size} is not the model's input latent "
-                            f"{recorded[0]}x{recorded[1]}: is it in image pixels? latent_size is the latent's (H, W)")
+                what = ("the latent's (H, W)" if self.grid_from is None else
+                        f"the grid's (h, w): the latent's size divided by {self.grid_from}"
+                        if isinstance(self.grid_from, int) else "the grid's (h, w)")
+                message += (f"; latent_size={self.latent_size} is not {self._grid_source()} "
+                            f"{recorded[0]}x{recorded[1]}: is it in image pixels? latent_size is {what}")
             else:
                 message += (f"; if latent_size={self.latent_size} is in image pixels, give the latent's (H, W) instead "
                             "(the image's size / 8 for Stable Diffusion's VAE)")
@@ -408,13 +448,16 @@ def flux_grid(arguments: dict) -> Optional[Tuple[int, int]]:
     tokens = hidden_states.shape[1]
     if ids.shape[0] != tokens:
         return None
-    rows, cols = ids[:, 1], ids[:, 2]
+    # Checked in int64: pipelines make the ids in the latents' dtype, and row * w + col
+    # (up to N - 1) is not exact in bfloat16 above 256 or float16 above 2048, though each id is.
+    whole = ids.to(torch.int64)
+    integral = (whole.to(ids.dtype) == ids).all()
+    rows, cols = whole[:, 1], whole[:, 2]
     width = cols.amax() + 1
     # Row-major: token i at (i // w, i % w); the same ids in another order are another grid.
-    row_major = (rows * width + cols == torch.arange(tokens, device=ids.device, dtype=ids.dtype)).all()
+    row_major = (rows * width + cols == torch.arange(tokens, device=ids.device)).all() & integral
     # One host sync per denoising step, for all three: the grid decides the plan's shapes.
-    height, width, row_major = torch.stack([rows.amax() + 1, width, row_major.to(ids.dtype)]).tolist()
-    height, width = int(height), int(width)
+    height, width, row_major = torch.stack([rows.amax() + 1, width, row_major.to(torch.int64)]).tolist()
     if not row_major or height * width != tokens:
         return None
     return height, width
@@ -423,7 +466,7 @@ def flux_grid(arguments: dict) -> Optional[Tuple[int, int]]:
 class _ToMeBasicTransformerBlock:
     """BasicTransformerBlock.forward, with merging wherever a plan is made: the merge scheme
     merges in ``_merged_forward``; the kv scheme runs diffusers' forward, whose self-attention
-    processor (``diffusion_attention.BasicSelfAttnProcessor``) merges the keys and values."""
+    processor (``diffusion_attention.ToMeBasicSelfAttnProcessor``) merges the keys and values."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
@@ -435,6 +478,7 @@ class _ToMeBasicTransformerBlock:
                                    timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
         state = self._tome_diffusion
         if state.scheme == "kv":
+            diffusion_dit.check_processors(self, [("attn1", self.attn1)], state)
             state.begin_call(plan)
             try:
                 return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
@@ -524,6 +568,19 @@ def _merged_forward(block: nn.Module, plan: MergePlan, hidden_states: Tensor, at
     return ff_output + hidden_states
 
 
+# The backward pass recomputes each checkpointed block after the model's pass has closed:
+# without its latent size or its generator, so with another grid or other destinations.
+CHECKPOINTING_REFUSED = ("model has gradient checkpointing on: a block recomputed in the backward pass runs outside "
+                         "its forward pass (no latent grid, no seeded generator) and would merge differently; "
+                         "turn it off (model.disable_gradient_checkpointing()) to patch or to run a patched model "
+                         "with gradients")
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether any module of ``model`` has diffusers' gradient checkpointing on."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def _check_ratio(ratio) -> float:
     return checks.check_real("ratio", ratio, 0.0, 1.0, meaning="the fraction of tokens to merge")
 
@@ -588,9 +645,15 @@ def _family(block: nn.Module) -> str:
 
 def _unsupported_block(module: nn.Module) -> bool:
     """A diffusers transformer block of a class this patch does not handle (Wan, HunyuanDiT,
-    the temporal blocks...): refused by name rather than silently left unmerged."""
+    the temporal blocks...): refused by name rather than silently left unmerged. Any
+    diffusers ``*TransformerBlock``, and any ``*Block`` of ``diffusers.models.transformers``
+    (HunyuanDiTBlock, CogVideoXBlock, LuminaNextDiTBlock: not every family names its blocks
+    so; the UNets' blocks live in ``diffusers.models.unets``)."""
     cls = original_class(module)
-    return cls.__module__.startswith("diffusers.") and cls.__name__.endswith("TransformerBlock")
+    name, where = cls.__name__, cls.__module__
+    return where.startswith("diffusers.") and (
+        name.endswith("TransformerBlock") or (where.startswith("diffusers.models.transformers.") and
+                                              name.endswith("Block")))
 
 
 def _check_model(model: nn.Module, *, scheme: str, merge_crossattn: bool,
@@ -647,12 +710,8 @@ def _check_model(model: nn.Module, *, scheme: str, merge_crossattn: bool,
     if scheme == "kv" and (merge_mlp or merge_crossattn):
         raise ValueError(f"merge_mlp and merge_crossattn apply to scheme='merge'{auto}: the kv scheme merges only "
                          "the self-attention's keys and values, and every token keeps its own output")
-    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        # The backward pass recomputes each block after the model's pass has closed: without
-        # its latent size or its generator, so with another grid or other destinations.
-        raise ValueError("model has gradient checkpointing on: a block recomputed in the backward pass runs outside "
-                         "its forward pass (no latent grid, no seeded generator) and would merge differently; "
-                         "turn it off (model.disable_gradient_checkpointing()) to patch")
+    if checkpointing(model):
+        raise ValueError(CHECKPOINTING_REFUSED)
     return [m for _, m in blocks], scheme
 
 
@@ -661,7 +720,9 @@ def _select_blocks(blocks: List[nn.Module], selection) -> List[nn.Module]:
     ``blocks``, the model's supported blocks in module order."""
     if selection is None:
         return blocks
-    if isinstance(selection, (str, bytes, Tensor)) or not hasattr(selection, "__iter__"):
+    # A mapping would iterate its keys, and a 0-d array cannot iterate: neither is a list of indices.
+    if isinstance(selection, (str, bytes, Tensor, Mapping)) or not hasattr(selection, "__iter__") or \
+            getattr(selection, "ndim", 1) != 1:
         raise TypeError(f"blocks must be None or a collection of block indices, got {type(selection).__name__}")
     chosen = []
     for index in selection:
@@ -695,21 +756,30 @@ def _grid_from(model: nn.Module):
     return None
 
 
-def pipeline_denoiser(pipe) -> Optional[nn.Module]:
+def is_pipeline(obj) -> bool:
+    """Whether ``obj`` is a diffusers ``DiffusionPipeline``. Checked without importing
+    diffusers: a pipeline exists only once it is imported."""
+    library = sys.modules.get("diffusers")
+    return library is not None and isinstance(obj, library.DiffusionPipeline)
+
+
+def pipeline_denoiser(pipe, *, required: bool = True) -> Optional[nn.Module]:
     """The denoiser a diffusers pipeline runs at every step (its ``unet``, else its
-    ``transformer``), or None when ``pipe`` is not a ``DiffusionPipeline``. Looked up without
-    importing diffusers: a pipeline exists only once it is imported.
+    ``transformer``), or None when ``pipe`` is not a ``DiffusionPipeline`` (or, with
+    ``required=False``, has neither).
 
     Raises:
-        TypeError: a pipeline with neither (e.g. a prior-only one): nothing to patch.
+        TypeError: with ``required``, a pipeline with neither (e.g. a prior-only one):
+            nothing to patch.
     """
-    library = sys.modules.get("diffusers")
-    if library is None or not isinstance(pipe, library.DiffusionPipeline):
+    if not is_pipeline(pipe):
         return None
     for name in ("unet", "transformer"):
         denoiser = getattr(pipe, name, None)
         if isinstance(denoiser, nn.Module):
             return denoiser
+    if not required:
+        return None
     raise TypeError(f"model is a {type(pipe).__name__} with neither a unet nor a transformer module to patch")
 
 
@@ -793,6 +863,7 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
     state = DiffusionState(ratio, grid_from=_grid_from(model), **settings)
     # Which blocks merge, as indices into the model's supported blocks (None: all).
     state.blocks = None if blocks is None else tuple(found.index(block) for block in selected)
+    state.blocks_of_a_model = model not in found
     state.undo = remove_diffusion
     # Bound methods of the state, not closures: a deep copy of the model gets hooks bound to
     # the copy's state, and pickle saves them by reference to it.
@@ -804,7 +875,7 @@ def patch_diffusion(model: nn.Module, ratio: float = 0.5, *, sx: int = 2, sy: in
             handles += diffusion_dit.install(block, state)
             continue
         if state.scheme == "kv":
-            block.attn1.set_processor(diffusion_attention.BasicSelfAttnProcessor(block.attn1.processor, state))
+            block.attn1.set_processor(diffusion_attention.ToMeBasicSelfAttnProcessor(block.attn1.processor, state))
         block._tome_diffusion = state
         block.__class__ = tome_subclass(type(block), _ToMeBasicTransformerBlock)
     state.hooks = tuple(handles)

@@ -110,8 +110,29 @@ class _Wrapper:
         self.original = original
         self.state = state
 
+    # diffusers' set_attention_backend / reset_attention_backend and context parallelism set
+    # these on every processor that has them. Passed through to the wrapped processor, so the
+    # calls that merge nothing run it on the backend asked for, the setting outlives
+    # ``remove``, and a merging call can refuse it (``diffusion_dit.check_processors``); a
+    # processor without them (SD3's) makes the wrapper have none either, and diffusers skips it.
+    @property
+    def _attention_backend(self):
+        return self.original._attention_backend
 
-class BasicSelfAttnProcessor(_Wrapper):
+    @_attention_backend.setter
+    def _attention_backend(self, backend):
+        self.original._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.original._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config):
+        self.original._parallel_config = config
+
+
+class ToMeBasicSelfAttnProcessor(_Wrapper):
     """``AttnProcessor2_0`` of a ``BasicTransformerBlock``'s self-attention (``attn1``), with
     the kv scheme: every token's query over merged keys and values."""
 
@@ -130,7 +151,7 @@ class BasicSelfAttnProcessor(_Wrapper):
         return out / attn.rescale_output_factor
 
 
-class JointAttnProcessor(_Wrapper):
+class ToMeJointAttnProcessor(_Wrapper):
     """``JointAttnProcessor2_0`` (SD3): image tokens first, then the text tokens."""
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
@@ -161,7 +182,7 @@ class JointAttnProcessor(_Wrapper):
         return image, text
 
 
-class FluxAttnProcessor(_Wrapper):
+class ToMeFluxAttnProcessor(_Wrapper):
     """``FluxAttnProcessor``: text tokens first, then the image tokens; rotary embeddings on
     both. In a single-stream block the text and image tokens come concatenated, with no
     ``encoder_hidden_states``: the image tokens are the last N = plan.num_tokens."""

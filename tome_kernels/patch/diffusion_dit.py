@@ -39,9 +39,9 @@ def _processor_classes() -> dict:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     joint, flux, single = dit_block_classes()
-    return {joint: (JointAttnProcessor2_0, diffusion_attention.JointAttnProcessor),
-            flux: (FluxAttnProcessor, diffusion_attention.FluxAttnProcessor),
-            single: (FluxAttnProcessor, diffusion_attention.FluxAttnProcessor)}
+    return {joint: (JointAttnProcessor2_0, diffusion_attention.ToMeJointAttnProcessor),
+            flux: (FluxAttnProcessor, diffusion_attention.ToMeFluxAttnProcessor),
+            single: (FluxAttnProcessor, diffusion_attention.ToMeFluxAttnProcessor)}
 
 
 def attentions(block: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -107,6 +107,30 @@ def basic_kv_problem(block: nn.Module) -> Optional[str]:
     return None
 
 
+def check_processors(block: nn.Module, named_attentions: List[Tuple[str, nn.Module]], state) -> None:
+    """Before a call of ``block`` that merges: each attention in ``named_attentions`` still
+    runs the processor this patch set, on torch's SDPA.
+
+    Raises:
+        RuntimeError: a processor replaced after patching (``set_attn_processor``, an
+            IP-Adapter loaded, SD3's ``fuse_qkv_projections``: the block would merge
+            nothing, silently), or an attention backend or context parallelism set after
+            patching (the merged attention runs torch's SDPA).
+    """
+    for name, attention in named_attentions:
+        processor = attention.processor
+        if not (isinstance(processor, diffusion_attention._Wrapper) and processor.state is state):
+            raise RuntimeError(f"a patched {original_class(block).__name__}'s {name}.processor was replaced after "
+                               f"patching (it is a {type(processor).__name__}), so this block would not merge: "
+                               "patch the model again (tome_kernels.patch.diffusion) after changing processors, or "
+                               "remove the patch")
+        if getattr(processor.original, "_attention_backend", None) is not None or \
+                getattr(processor.original, "_parallel_config", None) is not None:
+            raise RuntimeError(f"a patched {original_class(block).__name__}'s {name} was set to another attention "
+                               "backend or context parallelism after patching; the merged attention runs torch's "
+                               "SDPA: reset it (model.reset_attention_backend()) or remove the patch")
+
+
 class ToMeDiTBlock:
     """A joint block's forward: the call's plan from its image tokens, then its own forward."""
 
@@ -115,6 +139,8 @@ class ToMeDiTBlock:
         plan = state.plan(hidden_states)
         if plan is None:
             return super().forward(hidden_states, *args, **kwargs)
+        if state.merge_attn:
+            check_processors(self, attentions(self), state)
         if state.merge_mlp and getattr(self, "_chunk_size", None) is not None:
             raise ValueError("merge_mlp cannot merge a chunked feed-forward chunk by chunk: turn chunking off")
         state.begin_call(plan)
