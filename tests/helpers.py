@@ -1,6 +1,6 @@
 """Helpers shared by several test modules (test modules never import one another): the
-repository root, the tolerance rule and its float64 truths, poisoned Triton buffers, and
-small model runners.
+repository root, the tolerance rule and its float64 truths, poisoned Triton buffers,
+small model runners, and the width of a benchmark's printed report.
 
 What "close enough" means when a test compares two numerical paths: BLAS, SDPA and ATen's
 vector kernels choose their code path from the CPU (SSE, AVX2, AVX-512) and the thread
@@ -112,6 +112,13 @@ def best_float64(metric, best, dst):
     chosen = m.gather(1, dst.clamp_min(0)[..., None].expand_as(m))
     cosine = (m * chosen).sum(-1)
     return torch.where(best.isfinite(), cosine, best.to(torch.float64))
+
+
+def widest_report_line(printed: str) -> int:
+    """The widest line a benchmark printed, leaving out its "saved <path>" line: a path is not
+    wrapped, and its length follows the temporary folder and the CPU's name in the file name
+    (an Intel CPU's name took such a line past the width where an AMD one did not)."""
+    return max(len(line) for line in printed.splitlines() if not line.startswith("saved "))
 
 
 def poison_triton_buffers(monkeypatch):

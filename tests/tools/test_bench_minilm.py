@@ -12,6 +12,7 @@ import pytest
 
 from benchmarks.report import MAX_WIDTH
 from benchmarks.spread import FLAGS
+from tests.helpers import widest_report_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,7 +28,7 @@ def test_minilm_saves_spreads_and_the_machine(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "MKL_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert max(len(line) for line in done.stdout.splitlines()) <= MAX_WIDTH
+    assert widest_report_line(done.stdout) <= MAX_WIDTH
 
     (path,) = tmp_path.iterdir()
     results = json.loads(path.read_text())

@@ -13,6 +13,7 @@ from benchmarks.providers import applies, same_group
 from benchmarks.report import MAX_WIDTH
 from benchmarks.shapes import CPU_SHAPES, GPU_SHAPES, Shape
 from benchmarks.spread import RETRIES
+from tests.helpers import widest_report_line
 
 
 def test_min_bytes_by_hand():
@@ -86,7 +87,7 @@ def test_run_saves_raw_results(tmp_path, capsys, monkeypatch):
     run.main(argv)
     printed = capsys.readouterr().out
     assert "vit_b16_224_b1" in printed and "fwd+bwd" in printed
-    assert max(len(line) for line in printed.splitlines()) <= MAX_WIDTH
+    assert widest_report_line(printed) <= MAX_WIDTH
     (path,) = tmp_path.iterdir()
     results = json.loads(path.read_text())
     assert results["benchmark"] == "kernels"

@@ -12,6 +12,7 @@ import tome_kernels.patch
 from benchmarks import e2e_vit
 from benchmarks.report import MAX_WIDTH
 from benchmarks.spread import RETRIES
+from tests.helpers import widest_report_line
 from tome_kernels.backends import select_backend
 
 # 64 x 64 images in 16 x 16 patches: 16 patches + the class token = 17 tokens. r = 4 merges
@@ -59,7 +60,7 @@ def test_main_on_a_tiny_vit(tiny_table, tmp_path, capsys):
                             "--min-seconds", "0", "--providers", "unpatched", "reference", "auto", f"tome_{auto}",
                             "triton", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert max(len(line) for line in printed.splitlines()) <= MAX_WIDTH
+    assert widest_report_line(printed) <= MAX_WIDTH
 
     (path,) = tmp_path.iterdir()
     assert path.name.startswith("e2e_cpu_") and path.suffix == ".json"

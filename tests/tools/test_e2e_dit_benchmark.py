@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import e2e_dit, e2e_vit
 from benchmarks.report import MAX_WIDTH
+from tests.helpers import widest_report_line
 
 pytest.importorskip("diffusers")
 
@@ -32,7 +33,7 @@ def test_the_models_are_the_named_ones():
 def test_main_on_tiny_models(tmp_path, capsys):
     results = e2e_dit.main(FAST + ["--schemes", "merge", "kv", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert max(len(line) for line in printed.splitlines()) <= MAX_WIDTH
+    assert widest_report_line(printed) <= MAX_WIDTH
     (path,) = tmp_path.iterdir()
     assert path.name.startswith("e2e_dit_cpu_")
     saved = json.loads(path.read_text())

@@ -12,6 +12,7 @@ import tome_kernels.patch
 from benchmarks import e2e_vit
 from benchmarks.e2e_models import HF_MODELS, HFModelSpec, forced_prop_attention
 from benchmarks.report import MAX_WIDTH
+from tests.helpers import widest_report_line
 from tome_kernels.backends import select_backend
 from tome_kernels.patch import prop_attention
 
@@ -115,7 +116,7 @@ def test_main_on_tiny_transformers_models(tiny_table, eager_flex, tmp_path, caps
     auto = select_backend("auto", [torch.empty(1, 4, 8)]).name
     results = e2e_vit.main(FAST + ["--providers", "unpatched", "reference", "auto", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert max(len(line) for line in printed.splitlines()) <= MAX_WIDTH
+    assert widest_report_line(printed) <= MAX_WIDTH
     (path,) = tmp_path.iterdir()
     saved = json.loads(path.read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
