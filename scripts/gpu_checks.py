@@ -331,6 +331,13 @@ def _wait_until(proc: subprocess.Popen, deadline: float) -> Optional[int]:
         return None
 
 
+def _sigint_default() -> None:
+    """Run in each step's child before it starts: SIGINT back to its default. A shell starts a
+    command run with "&" with SIGINT ignored and children inherit that, so pytest would never
+    take the grace period's SIGINT that makes it write its JUnit XML."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_step(step: Step, out: Path, env: Dict[str, str]) -> None:
     log_path = out / f"{step.name}.log"
     step_env = {**env, **step.env}
@@ -350,11 +357,12 @@ def run_step(step: Step, out: Path, env: Dict[str, str]) -> None:
             log.flush()
             # Each process in its own process group, so that the step's end takes its children too.
             procs.append(subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, env=step_env,
-                                          cwd=ROOT, start_new_session=True))
+                                          cwd=ROOT, start_new_session=True, preexec_fn=_sigint_default))
         if step.background:
             with open(out / f"{step.name}_background.log", "w") as background_log:
                 procs.append(subprocess.Popen(step.background, stdout=background_log, stderr=subprocess.STDOUT,
-                                              env=step_env, cwd=ROOT, start_new_session=True))
+                                              env=step_env, cwd=ROOT, start_new_session=True,
+                                              preexec_fn=_sigint_default))
         rcs = [_wait_until(p, deadline - step.grace_s) for p in procs]
         if None in rcs:
             if step.grace_s:
