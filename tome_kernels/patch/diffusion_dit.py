@@ -121,7 +121,7 @@ def check_processors(block: nn.Module, named_attentions: List[Tuple[str, nn.Modu
         processor = attention.processor
         if not (isinstance(processor, diffusion_attention._Wrapper) and processor.state is state):
             raise RuntimeError(f"a patched {original_class(block).__name__}'s {name}.processor was replaced after "
-                               f"patching (it is a {type(processor).__name__}), so this block would not merge: "
+                               f"patching (now {type(processor).__name__}), so this block would not merge: "
                                "patch the model again (tome_kernels.patch.diffusion) after changing processors, or "
                                "remove the patch")
         if getattr(processor.original, "_attention_backend", None) is not None or \
