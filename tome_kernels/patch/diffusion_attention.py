@@ -114,22 +114,12 @@ class _Wrapper:
     # these on every processor that has them. Passed through to the wrapped processor, so the
     # calls that merge nothing run it on the backend asked for, the setting outlives
     # ``remove``, and a merging call can refuse it (``diffusion_dit.check_processors``); a
-    # processor without them (SD3's) makes the wrapper have none either, and diffusers skips it.
-    @property
-    def _attention_backend(self):
-        return self.original._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, backend):
-        self.original._attention_backend = backend
-
-    @property
-    def _parallel_config(self):
-        return self.original._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, config):
-        self.original._parallel_config = config
+    # processor without them (SD3's) makes the wrapper have none either (the getter's
+    # AttributeError), and diffusers skips it.
+    _attention_backend = property(lambda self: self.original._attention_backend,
+                                  lambda self, value: setattr(self.original, "_attention_backend", value))
+    _parallel_config = property(lambda self: self.original._parallel_config,
+                                lambda self, value: setattr(self.original, "_parallel_config", value))
 
 
 class ToMeBasicSelfAttnProcessor(_Wrapper):

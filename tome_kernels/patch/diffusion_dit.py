@@ -72,6 +72,13 @@ def subclass_problem(block: nn.Module) -> Optional[str]:
     return None
 
 
+def on_another_backend(processor) -> bool:
+    """Whether diffusers set ``processor`` to an attention backend or context parallelism
+    (the merged attention runs torch's SDPA)."""
+    return getattr(processor, "_attention_backend", None) is not None or \
+        getattr(processor, "_parallel_config", None) is not None
+
+
 def block_problem(block: nn.Module, scheme: str, merge_mlp: bool) -> Optional[str]:
     """Why a joint block cannot be patched with ``scheme`` and ``merge_mlp``, or None."""
     expected = _processor_classes()
@@ -82,8 +89,7 @@ def block_problem(block: nn.Module, scheme: str, merge_mlp: bool) -> Optional[st
         if type(processor) is not processor_class:
             return (f"has {name}.processor {type(processor).__name__}; the merged attention reproduces "
                     f"{processor_class.__name__} only (IP-Adapter and custom processors are not supported)")
-        if getattr(processor, "_attention_backend", None) is not None or \
-                getattr(processor, "_parallel_config", None) is not None:
+        if on_another_backend(processor):
             return (f"has {name} set to another attention backend or context parallelism; the merged attention "
                     "runs torch's SDPA")
     if merge_mlp and scheme == "merge" and getattr(block, "_chunk_size", None) is not None:
@@ -124,8 +130,7 @@ def check_processors(block: nn.Module, named_attentions: List[Tuple[str, nn.Modu
                                f"patching (now {type(processor).__name__}), so this block would not merge: "
                                "patch the model again (tome_kernels.patch.diffusion) after changing processors, or "
                                "remove the patch")
-        if getattr(processor.original, "_attention_backend", None) is not None or \
-                getattr(processor.original, "_parallel_config", None) is not None:
+        if on_another_backend(processor.original):
             raise RuntimeError(f"a patched {original_class(block).__name__}'s {name} was set to another attention "
                                "backend or context parallelism after patching; the merged attention runs torch's "
                                "SDPA: reset it (model.reset_attention_backend()) or remove the patch")
